@@ -1,0 +1,26 @@
+"""infscale: influence functions for PyTorch models at any scale.
+
+Sign convention: ``influences()`` returns ∇ℓ(z_test)ᵀ (H + λI)⁻¹ ∇ℓ(z_train), shape
+(n_test, n_train). Positive means up-weighting that training point lowers the test
+loss (it helps); removing training point i changes the test loss by about
+``+influence / n_train``.
+"""
+
+from .base import (
+    SIGN_CONVENTION,
+    InfluenceFunctionModel,
+    InfluenceMode,
+    NotFittedError,
+    UnsupportedInfluenceModeError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SIGN_CONVENTION",
+    "InfluenceFunctionModel",
+    "InfluenceMode",
+    "NotFittedError",
+    "UnsupportedInfluenceModeError",
+    "__version__",
+]

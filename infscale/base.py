@@ -1,0 +1,159 @@
+"""The framework-free contract every influence method implements.
+
+Sign convention (the same everywhere in infscale)::
+
+    influences(z_test, z_train) = ∇ℓ(z_test)ᵀ (H + λI)⁻¹ ∇ℓ(z_train)
+
+with shape (n_test, n_train). A positive value means that up-weighting the
+training point lowers the test loss: the training point *helps* that test
+prediction. Removing training point i changes the test loss by about
+``+influence / n_train``.
+
+In perturbation mode the result is the derivative of that quantity with respect
+to the training input, shape (n_test, n_train, *input_feature_shape).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from enum import Enum
+from typing import Any, Generic, TypeVar
+
+__all__ = [
+    "SIGN_CONVENTION",
+    "InfluenceMode",
+    "InfluenceFunctionModel",
+    "NotFittedError",
+    "UnsupportedInfluenceModeError",
+]
+
+SIGN_CONVENTION = (
+    "influences = grad_test^T (H + lambda I)^-1 grad_train, shape (n_test, n_train); "
+    "positive: up-weighting the training point lowers the test loss (it helps); "
+    "removing training point i changes the test loss by about +influence / n_train"
+)
+
+TensorType = TypeVar("TensorType")
+DataLoaderType = TypeVar("DataLoaderType")
+
+
+class NotFittedError(ValueError):
+    """A method that needs a fitted model was called before ``fit``."""
+
+    def __init__(self, cls: type, method_name: str):
+        super().__init__(
+            f"{cls.__name__}.{method_name}() was called before fit(): "
+            f"call {cls.__name__}.fit(train_dataloader) first."
+        )
+
+
+class UnsupportedInfluenceModeError(ValueError):
+    """An influence mode that is neither ``"up"`` nor ``"perturbation"``."""
+
+    def __init__(self, mode: Any, cls: type | None = None, method_name: str | None = None):
+        where = f"{cls.__name__}.{method_name}(): " if cls and method_name else ""
+        valid = ", ".join(repr(m.value) for m in InfluenceMode)
+        super().__init__(f"{where}unsupported influence mode {mode!r}; expected one of {valid}.")
+
+
+class InfluenceMode(str, Enum):
+    """How the influence of a training point is measured.
+
+    - ``up``: up-weighting the training point, result (n_test, n_train).
+    - ``perturbation``: perturbing the training input, result
+      (n_test, n_train, *input_feature_shape).
+
+    Plain strings ``"up"`` and ``"perturbation"`` are accepted wherever a mode is.
+    """
+
+    Up = "up"
+    Perturbation = "perturbation"
+
+    @classmethod
+    def parse(cls, mode: Any, owner: type | None = None, method_name: str | None = None) -> InfluenceMode:
+        """Turn ``mode`` (an ``InfluenceMode`` or its string value) into an ``InfluenceMode``.
+
+        Raises:
+            UnsupportedInfluenceModeError: for anything else.
+        """
+        if isinstance(mode, InfluenceMode):
+            return mode
+        if isinstance(mode, str):
+            for member in cls:
+                if member.value == mode:
+                    return member
+        raise UnsupportedInfluenceModeError(mode, owner, method_name)
+
+
+class InfluenceFunctionModel(Generic[TensorType, DataLoaderType], ABC):
+    """Abstract influence function model.
+
+    Subclasses are fitted on training data once (``fit``) and then answer
+    queries. See the module docstring for the sign convention and shapes.
+    """
+
+    @property
+    @abstractmethod
+    def is_fitted(self) -> bool:
+        """Whether ``fit`` has been called."""
+
+    @property
+    @abstractmethod
+    def is_thread_safe(self) -> bool:
+        """Whether several threads may call this model's query methods at once."""
+
+    @property
+    @abstractmethod
+    def n_parameters(self) -> int:
+        """The number of trainable parameters the influences are taken over."""
+
+    @abstractmethod
+    def fit(self, data: DataLoaderType) -> InfluenceFunctionModel:
+        """Fit the curvature approximation on training data; returns ``self``."""
+
+    def _require_fitted(self, method_name: str) -> None:
+        if not self.is_fitted:
+            raise NotFittedError(type(self), method_name)
+
+    def _parse_mode(self, mode: Any, method_name: str) -> InfluenceMode:
+        return InfluenceMode.parse(mode, type(self), method_name)
+
+    @abstractmethod
+    def influence_factors(self, x: TensorType, y: TensorType) -> TensorType:
+        """The factors (H + λI)⁻¹ ∇ℓ(x, y), one row per sample: shape (n, n_parameters)."""
+
+    @abstractmethod
+    def influences_from_factors(
+        self,
+        z_test_factors: TensorType,
+        x: TensorType,
+        y: TensorType,
+        mode: InfluenceMode | str = InfluenceMode.Up,
+    ) -> TensorType:
+        """Influences of the training points (x, y) on the test points whose factors are given.
+
+        Returns (n_test, n_train) in up mode, (n_test, n_train, *feature_shape) in
+        perturbation mode.
+        """
+
+    @abstractmethod
+    def influences(
+        self,
+        x_test: TensorType,
+        y_test: TensorType,
+        x: TensorType | None = None,
+        y: TensorType | None = None,
+        mode: InfluenceMode | str = InfluenceMode.Up,
+    ) -> TensorType:
+        """Influences of training points (x, y) on test points (x_test, y_test).
+
+        With ``x`` and ``y`` both None, the test set is taken against itself.
+        Giving only one of them raises ``ValueError``.
+        """
+
+    @abstractmethod
+    def self_influences(
+        self, x: TensorType, y: TensorType, mode: InfluenceMode | str = InfluenceMode.Up
+    ) -> TensorType:
+        """The diagonal of ``influences(x, y)``: shape (n,) in up mode, (n, *feature_shape)
+        in perturbation mode, computed without the off-diagonal entries."""

@@ -1,0 +1,360 @@
+"""What every PyTorch influence method shares: input checks, per-sample
+gradients, block structure, and turning factors into influences.
+
+A subclass implements ``_fit(data)`` and ``_solve_block(block, rhs)``, which
+applies the (approximate) inverse of the regularized curvature block to each
+row of ``rhs``. Everything else (both influence modes, the symmetric case,
+self-influences, results per block) is built here on top of those two.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..base import InfluenceFunctionModel, InfluenceMode
+from .functional import (
+    BlockMode,
+    CurvatureOperator,
+    LossFunction,
+    ParameterLayout,
+    SecondOrderMode,
+    _Block,
+    _parse_enum,
+    block_regularization,
+    per_sample_gradients,
+    perturbation_influences,
+    self_perturbation_influences,
+    split_batch,
+)
+
+__all__ = ["TorchInfluenceFunctionModel"]
+
+
+class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Iterable]):
+    """Base class of the PyTorch influence methods.
+
+    Args:
+        model: a ``torch.nn.Module``; influences are taken over its trainable
+            parameters (``requires_grad=True``); frozen ones are held fixed.
+        loss: ``loss(outputs, targets)`` averaging over the batch, e.g.
+            ``torch.nn.functional.cross_entropy``.
+        hessian_regularization: λ ≥ 0 added to the curvature's diagonal; a float,
+            or a dict block name → float (blocks left out get 0.0).
+        block_structure: ``BlockMode.FULL`` (default), ``LAYER_WISE``,
+            ``PARAMETER_WISE``, or an ordered mapping block name → parameter names.
+            Off-diagonal curvature blocks are dropped; influences are the sum over blocks.
+        second_order_mode: ``SecondOrderMode.HESSIAN`` (default) or ``GAUSS_NEWTON``.
+        gradient_chunk_size: per-sample gradients are computed this many samples
+            at a time (default: as many as fit in 256 MiB).
+    """
+
+    _default_block_regularization = 0.0
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: LossFunction,
+        hessian_regularization: float | Mapping[str, float] = 0.0,
+        block_structure: BlockMode | str | Mapping[str, Iterable[str]] = BlockMode.FULL,
+        second_order_mode: SecondOrderMode | str = SecondOrderMode.HESSIAN,
+        gradient_chunk_size: int | None = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+        if not callable(loss):
+            raise TypeError(f"loss must be callable as loss(outputs, targets); got {loss!r}.")
+        if gradient_chunk_size is not None and gradient_chunk_size < 1:
+            raise ValueError(f"gradient_chunk_size must be ≥ 1 or None; got {gradient_chunk_size}.")
+        self.model = model
+        self.loss = loss
+        self.layout = ParameterLayout(model, block_structure)
+        self.block_structure = block_structure
+        self.second_order_mode = _parse_enum(SecondOrderMode, second_order_mode, "second_order_mode")
+        self.hessian_regularization = hessian_regularization
+        self.regularization = block_regularization(
+            self.layout, hessian_regularization, self._default_block_regularization
+        )
+        self.gradient_chunk_size = gradient_chunk_size
+        self._fitted = False
+        self._feature_shape: torch.Size | None = None
+        self.n_train: int | None = None
+
+    # ------------------------------------------------------------------ contract
+    @property
+    def is_fitted(self) -> bool:
+        return self._fitted
+
+    @property
+    def is_thread_safe(self) -> bool:
+        # torch.func.functional_call swaps the module's parameters while it runs:
+        # two threads sharing one module would see each other's swaps.
+        return False
+
+    @property
+    def n_parameters(self) -> int:
+        return self.layout.n_parameters
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layout.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.layout.device
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The settings that determine the numbers (recorded with stored results)."""
+        reg = self.hessian_regularization
+        return {
+            "hessian_regularization": dict(reg) if isinstance(reg, Mapping) else float(reg),
+            "block_structure": (
+                {k: list(v) for k, v in self.block_structure.items()}
+                if isinstance(self.block_structure, Mapping)
+                else _parse_enum(BlockMode, self.block_structure, "block_structure").value
+            ),
+            "second_order_mode": self.second_order_mode.value,
+        }
+
+    def fit(self, data: Iterable) -> TorchInfluenceFunctionModel:
+        """Fit on the training data: an iterable of batches (x, y, ...), e.g. a DataLoader.
+
+        Returns self. Raises ValueError for empty data or batches that are not (x, y).
+        """
+        try:
+            first = next(iter(data))
+        except StopIteration:
+            raise ValueError("data (the training data loader) is empty: it yielded no batch.") from None
+        except TypeError:
+            raise TypeError(
+                f"data must be an iterable of (x, y) batches, e.g. a DataLoader; got {type(data).__name__}."
+            ) from None
+        x, y = split_batch(first, "each batch of data")
+        self._feature_shape = tuple(x.shape[1:])
+        self._fit(data)
+        self._fitted = True
+        return self
+
+    def _fit(self, data: Iterable) -> None:
+        raise NotImplementedError
+
+    def _solve_block(self, block: _Block, rhs: Tensor) -> Tensor:
+        """(H_block + λ_block I)⁻¹ applied to each row of rhs (k, p_block)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ helpers
+    def _to_device(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        x = torch.as_tensor(x)
+        y = torch.as_tensor(y)
+        x = x.to(self.device, self.dtype if x.is_floating_point() else x.dtype)
+        y = y.to(self.device, self.dtype if y.is_floating_point() else y.dtype)
+        return x, y
+
+    def _check_xy(self, x: Any, y: Any, method: str, x_name: str = "x", y_name: str = "y"):
+        for value, name in ((x, x_name), (y, y_name)):
+            if not isinstance(value, Tensor):
+                raise TypeError(
+                    f"{type(self).__name__}.{method}(): {name} must be a torch.Tensor; "
+                    f"got {type(value).__name__}."
+                )
+        if x.ndim == 0 or y.ndim == 0 or x.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"{type(self).__name__}.{method}(): {x_name} and {y_name} must have the same number "
+                f"of rows; got {x_name} of shape {tuple(x.shape)} and {y_name} of shape {tuple(y.shape)}."
+            )
+        if self._feature_shape is not None and tuple(x.shape[1:]) != self._feature_shape:
+            raise ValueError(
+                f"{type(self).__name__}.{method}(): {x_name} has feature shape {tuple(x.shape[1:])}, "
+                f"but the model was fitted on inputs of feature shape {self._feature_shape}."
+            )
+        return self._to_device(x, y)
+
+    def _curvature_operator(self, data: Iterable, block: _Block, mode=None) -> CurvatureOperator:
+        return CurvatureOperator(
+            self.layout, self.loss, data, block, mode or self.second_order_mode, self._to_device
+        )
+
+    def _gradients(self, x: Tensor, y: Tensor) -> Tensor:
+        return per_sample_gradients(self.layout, self.loss, x, y, self.gradient_chunk_size)
+
+    def _solve(self, gradients: Tensor) -> Tensor:
+        return torch.cat([self._solve_block(b, gradients[:, b.slice]) for b in self.layout.blocks], dim=1)
+
+    def _from_gradients(self, factors: Tensor, train_gradients: Tensor) -> Tensor:
+        return factors @ train_gradients.T
+
+    def _perturbation(self, factors: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        return perturbation_influences(self.layout, self.loss, factors, x, y, self.gradient_chunk_size)
+
+    # ------------------------------------------------------------------ queries
+    def influence_factors(self, x: Tensor, y: Tensor) -> Tensor:
+        """(H + λI)⁻¹ ∇ℓ(x_i, y_i) for every sample: shape (n, n_parameters)."""
+        self._require_fitted("influence_factors")
+        x, y = self._check_xy(x, y, "influence_factors")
+        return self._solve(self._gradients(x, y))
+
+    def influences_from_factors(
+        self, z_test_factors: Tensor, x: Tensor, y: Tensor, mode: InfluenceMode | str = InfluenceMode.Up
+    ) -> Tensor:
+        """Influences of training points (x, y) given the test factors.
+
+        Returns (n_test, n_train) in up mode, (n_test, n_train, *feature_shape) in
+        perturbation mode.
+        """
+        self._require_fitted("influences_from_factors")
+        mode = self._parse_mode(mode, "influences_from_factors")
+        x, y = self._check_xy(x, y, "influences_from_factors")
+        factors = self._check_factors(z_test_factors, "influences_from_factors")
+        if mode is InfluenceMode.Up:
+            return self._from_gradients(factors, self._gradients(x, y))
+        return self._perturbation(factors, x, y)
+
+    def _check_factors(self, factors: Any, method: str) -> Tensor:
+        if not isinstance(factors, Tensor) or factors.ndim != 2 or factors.shape[1] != self.n_parameters:
+            shape = tuple(factors.shape) if isinstance(factors, Tensor) else type(factors).__name__
+            raise ValueError(
+                f"{type(self).__name__}.{method}(): z_test_factors must be a tensor of shape "
+                f"(n_test, {self.n_parameters}); got {shape}."
+            )
+        return factors.to(self.device, self.dtype)
+
+    def influences(
+        self,
+        x_test: Tensor,
+        y_test: Tensor,
+        x: Tensor | None = None,
+        y: Tensor | None = None,
+        mode: InfluenceMode | str = InfluenceMode.Up,
+    ) -> Tensor:
+        """Influences of training points (x, y) on test points (x_test, y_test).
+
+        ``∇ℓ(z_test)ᵀ (H + λI)⁻¹ ∇ℓ(z_train)``: positive means up-weighting the
+        training point lowers the test loss. Shape (n_test, n_train) in up mode,
+        (n_test, n_train, *feature_shape) in perturbation mode. With x and y both
+        None the test set is taken against itself.
+
+        Raises:
+            NotFittedError, UnsupportedInfluenceModeError, ValueError (only one of
+            x, y given; mismatched lengths or feature shapes).
+        """
+        self._require_fitted("influences")
+        mode = self._parse_mode(mode, "influences")
+        x_test, y_test = self._check_xy(x_test, y_test, "influences", "x_test", "y_test")
+        if (x is None) != (y is None):
+            given = "x" if x is not None else "y"
+            raise ValueError(
+                f"{type(self).__name__}.influences(): only {given} was given; give both x and y, "
+                "or neither to take the test set against itself."
+            )
+        symmetric = x is None
+        if not symmetric:
+            x, y = self._check_xy(x, y, "influences")
+        return self._influences(x_test, y_test, x, y, mode, symmetric)
+
+    def _influences(self, x_test, y_test, x, y, mode, symmetric) -> Tensor:
+        test_gradients = self._gradients(x_test, y_test)
+        factors = self._solve(test_gradients)
+        if mode is InfluenceMode.Up:
+            train_gradients = test_gradients if symmetric else self._gradients(x, y)
+            return self._from_gradients(factors, train_gradients)
+        if symmetric:
+            x, y = x_test, y_test
+        return self._perturbation(factors, x, y)
+
+    def self_influences(self, x: Tensor, y: Tensor, mode: InfluenceMode | str = InfluenceMode.Up) -> Tensor:
+        """The diagonal of ``influences(x, y)`` without the rest: (n,) in up mode,
+        (n, *feature_shape) in perturbation mode."""
+        self._require_fitted("self_influences")
+        mode = self._parse_mode(mode, "self_influences")
+        x, y = self._check_xy(x, y, "self_influences")
+        gradients = self._gradients(x, y)
+        factors = self._solve(gradients)
+        if mode is InfluenceMode.Up:
+            return self._self_from_gradients(factors, gradients)
+        return self_perturbation_influences(self.layout, self.loss, factors, x, y, self.gradient_chunk_size)
+
+    def _self_from_gradients(self, factors: Tensor, gradients: Tensor) -> Tensor:
+        return (factors * gradients).sum(dim=1)
+
+    # ------------------------------------------------------------------ per block
+    def influence_factors_by_block(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """``influence_factors`` split by block: name → (n, p_block)."""
+        factors = self.influence_factors(x, y)
+        return {b.name: factors[:, b.slice] for b in self.layout.blocks}
+
+    def influences_from_factors_by_block(
+        self,
+        z_test_factors: Mapping[str, Tensor],
+        x: Tensor,
+        y: Tensor,
+        mode: InfluenceMode | str = InfluenceMode.Up,
+    ) -> dict[str, Tensor]:
+        """``influences_from_factors`` per block; the total is the sum over blocks."""
+        self._require_fitted("influences_from_factors_by_block")
+        mode = self._parse_mode(mode, "influences_from_factors_by_block")
+        x, y = self._check_xy(x, y, "influences_from_factors_by_block")
+        names = self.layout.block_names
+        if not isinstance(z_test_factors, Mapping) or set(z_test_factors) != set(names):
+            got = (
+                sorted(z_test_factors)
+                if isinstance(z_test_factors, Mapping)
+                else type(z_test_factors).__name__
+            )
+            raise ValueError(
+                f"{type(self).__name__}.influences_from_factors_by_block(): z_test_factors must be "
+                f"a dict with the blocks {names}; got {got}."
+            )
+        result = {}
+        if mode is InfluenceMode.Up:
+            gradients = self._gradients(x, y)
+            for b in self.layout.blocks:
+                result[b.name] = z_test_factors[b.name].to(self.device, self.dtype) @ gradients[:, b.slice].T
+            return result
+        for b in self.layout.blocks:
+            padded = torch.zeros(
+                z_test_factors[b.name].shape[0], self.n_parameters, dtype=self.dtype, device=self.device
+            )
+            padded[:, b.slice] = z_test_factors[b.name]
+            result[b.name] = self._perturbation(padded, x, y)
+        return result
+
+    def influences_by_block(
+        self,
+        x_test: Tensor,
+        y_test: Tensor,
+        x: Tensor | None = None,
+        y: Tensor | None = None,
+        mode: InfluenceMode | str = InfluenceMode.Up,
+    ) -> dict[str, Tensor]:
+        """``influences`` per block: name → (n_test, n_train[, *feature_shape]).
+        The total over blocks equals ``influences``."""
+        if (x is None) != (y is None):
+            self.influences(x_test, y_test, x, y, mode)  # raises the same error
+        factors = self.influence_factors_by_block(x_test, y_test)
+        if x is None:
+            x, y = x_test, y_test
+        return self.influences_from_factors_by_block(factors, x, y, mode)
+
+    # ------------------------------------------------------------------ λ sweep
+    def with_regularization(self, hessian_regularization: float | Mapping[str, float]):
+        """A copy with another regularization, reusing the fitted decomposition.
+
+        Only methods that can do this cheaply implement it.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot change its regularization without refitting; "
+            "create a new model instead."
+        )
+
+    def _copy_with_regularization(self, hessian_regularization):
+        self._require_fitted("with_regularization")
+        new = copy.copy(self)
+        new.hessian_regularization = hessian_regularization
+        new.regularization = block_regularization(
+            self.layout, hessian_regularization, self._default_block_regularization
+        )
+        return new

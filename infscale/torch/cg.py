@@ -1,0 +1,189 @@
+"""CgInfluence: matrix-free conjugate gradients on curvature-vector products."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .base import TorchInfluenceFunctionModel
+from .functional import BlockMode, CurvatureOperator, LossFunction, SecondOrderMode, _Block
+from .preconditioner import Preconditioner
+
+__all__ = ["CgInfluence", "block_cg"]
+
+
+def _orthonormal_basis(M: Tensor, rtol: float) -> Tensor:
+    """An orthonormal basis of the column span of M (p, k), dropping directions whose
+    singular value is below rtol times the largest."""
+    if M.shape[1] == 0:
+        return M
+    U, s, _ = torch.linalg.svd(M, full_matrices=False)
+    if s.numel() == 0 or s[0] == 0:
+        return M[:, :0]
+    return U[:, s > rtol * s[0]]
+
+
+def block_cg(
+    matmat,
+    rhs: Tensor,
+    regularization: float,
+    rtol: float,
+    atol: float,
+    maxiter: int,
+    preconditioner: Preconditioner | None = None,
+):
+    """Solve (A + λI) X = B for all rows of B (k, p) at once with breakdown-free block CG.
+
+    Each iteration makes one product of A with a block of at most k search
+    directions (one pass over the training data for all right-hand sides);
+    columns that have converged stop contributing new directions, and search
+    directions that become linearly dependent are dropped (Ji & Li 2017).
+
+    Returns (X of shape (k, p), relative residuals (k,), converged mask (k,), iterations).
+    """
+    B = rhs.T  # (p, k)
+    X = torch.zeros_like(B)
+    b_norm = torch.linalg.norm(B, dim=0)
+    tol = torch.maximum(rtol * b_norm, torch.full_like(b_norm, atol))
+    R = B.clone()
+    done = torch.linalg.norm(R, dim=0) <= tol
+
+    def apply(P):
+        return matmat(P.T).T + regularization * P
+
+    def precondition(R):
+        return preconditioner.solve(R.T).T if preconditioner is not None else R
+
+    orth_rtol = torch.finfo(B.dtype).eps * 10
+    it = 0
+    if not bool(done.all()):
+        P = _orthonormal_basis(precondition(R[:, ~done]), orth_rtol)
+        while it < maxiter and P.shape[1] > 0:
+            it += 1
+            Q = apply(P)
+            PQ = P.T @ Q
+            PQ = (PQ + PQ.T) / 2
+            alpha = torch.linalg.solve(PQ, P.T @ R)
+            X += P @ alpha
+            R -= Q @ alpha
+            done = torch.linalg.norm(R, dim=0) <= tol
+            if bool(done.all()):
+                break
+            Z = precondition(R[:, ~done])
+            beta = -torch.linalg.solve(PQ, Q.T @ Z)
+            P = _orthonormal_basis(Z + P @ beta, orth_rtol)
+    residual = torch.linalg.norm(R, dim=0) / torch.where(b_norm > 0, b_norm, torch.ones_like(b_norm))
+    return X.T, residual, done, it
+
+
+class CgInfluence(TorchInfluenceFunctionModel):
+    """Influences with (H + λI)⁻¹ applied by conjugate gradients, never forming H.
+
+    All right-hand sides of a query (every test gradient) are solved together by
+    block CG: one pass over the training data per iteration serves every test
+    point, and in exact arithmetic at most ⌈p / k⌉ iterations are needed for k
+    right-hand sides. Test gradients are computed once per query.
+
+    Args:
+        model, loss, hessian_regularization, block_structure, second_order_mode,
+            gradient_chunk_size: see ``TorchInfluenceFunctionModel``.
+        rtol: stop a right-hand side b when ‖b − (H+λI)x‖ ≤ max(rtol‖b‖, atol).
+        atol: absolute tolerance, see rtol.
+        maxiter: at most this many iterations (default: the block's dimension).
+        preconditioner: a ``JacobiPreconditioner``, ``NystroemPreconditioner``, or None.
+        progress: unused, accepted for compatibility.
+
+    Warns:
+        RuntimeWarning when some right-hand sides miss the tolerance, with their
+        number, the worst relative residual and what to change.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: LossFunction,
+        hessian_regularization: float | Mapping[str, float] = 0.0,
+        rtol: float = 1e-7,
+        atol: float = 1e-7,
+        maxiter: int | None = None,
+        preconditioner: Preconditioner | None = None,
+        block_structure: BlockMode | str | Mapping[str, Iterable[str]] = BlockMode.FULL,
+        second_order_mode: SecondOrderMode | str = SecondOrderMode.HESSIAN,
+        gradient_chunk_size: int | None = None,
+        progress: bool = False,
+    ):
+        super().__init__(
+            model, loss, hessian_regularization, block_structure, second_order_mode, gradient_chunk_size
+        )
+        if not rtol > 0 or not atol >= 0:
+            raise ValueError(f"rtol must be > 0 and atol ≥ 0; got rtol={rtol}, atol={atol}.")
+        if maxiter is not None and maxiter < 1:
+            raise ValueError(f"maxiter must be ≥ 1 or None; got {maxiter}.")
+        if preconditioner is not None and not isinstance(preconditioner, Preconditioner):
+            raise TypeError(
+                "preconditioner must be a JacobiPreconditioner, NystroemPreconditioner or None; "
+                f"got {type(preconditioner).__name__}."
+            )
+        self.rtol, self.atol, self.maxiter = rtol, atol, maxiter
+        self.preconditioner = preconditioner
+        self.progress = progress
+        self._operators: dict[str, CurvatureOperator] = {}
+        self._preconditioners: dict[str, Preconditioner] = {}
+
+    def hyperparameters(self):
+        return {
+            **super().hyperparameters(),
+            "rtol": self.rtol,
+            "atol": self.atol,
+            "maxiter": self.maxiter,
+            "preconditioner": type(self.preconditioner).__name__ if self.preconditioner else None,
+        }
+
+    def _fit(self, data: Iterable) -> None:
+        self._operators = {b.name: self._curvature_operator(data, b) for b in self.layout.blocks}
+        self._preconditioners = {}
+        if self.preconditioner is not None:
+            for b in self.layout.blocks:
+                op = self._operators[b.name]
+                self._preconditioners[b.name] = copy.deepcopy(self.preconditioner).fit(
+                    op.matmat, op.size, self.regularization[b.name], self.dtype, self.device
+                )
+
+    def _solve_block(self, block: _Block, rhs: Tensor) -> Tensor:
+        if rhs.shape[0] == 0:
+            return rhs.clone()
+        op = self._operators[block.name]
+        maxiter = self.maxiter or max(op.size, 10)
+        X, residual, done, iterations = block_cg(
+            op.matmat,
+            rhs,
+            self.regularization[block.name],
+            self.rtol,
+            self.atol,
+            maxiter,
+            self._preconditioners.get(block.name),
+        )
+        if not bool(done.all()):
+            missed = int((~done).sum())
+            warnings.warn(
+                f"CgInfluence: {missed} of {rhs.shape[0]} right-hand sides of block {block.name!r} "
+                f"missed the tolerance (rtol={self.rtol:g}, atol={self.atol:g}) after {iterations} "
+                f"iterations; worst relative residual {residual.max().item():.3g}. Raise maxiter, "
+                "raise hessian_regularization, loosen rtol/atol, or add a preconditioner "
+                "(NystroemPreconditioner(rank=...)).",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return X
+
+    def with_regularization(self, hessian_regularization) -> CgInfluence:
+        """A copy with another λ (CG keeps no decomposition; preconditioners are refitted lazily)."""
+        new = self._copy_with_regularization(hessian_regularization)
+        new._preconditioners = {k: copy.copy(p) for k, p in self._preconditioners.items()}
+        for k, p in new._preconditioners.items():
+            p.regularization = new.regularization[k]
+        return new
