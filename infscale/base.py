@@ -136,6 +136,29 @@ class InfluenceFunctionModel(Generic[TensorType, DataLoaderType], ABC):
         perturbation mode.
         """
 
+    def train_representation(
+        self, x: TensorType, y: TensorType, mode: InfluenceMode | str = InfluenceMode.Up
+    ) -> Any:
+        """What the training side of ``influences_from_factors`` needs, computed once.
+
+        Calculators call this once per training chunk and reuse the result for
+        every test chunk (when it fits their memory budget). The default is the
+        data itself; gradient-based models return per-sample gradients (or their
+        projections) so that nothing is recomputed per (test, train) block pair.
+        """
+        self._parse_mode(mode, "train_representation")
+        return (x, y)
+
+    def influences_from_representation(
+        self,
+        z_test_factors: TensorType,
+        representation: Any,
+        mode: InfluenceMode | str = InfluenceMode.Up,
+    ) -> TensorType:
+        """``influences_from_factors`` from a ``train_representation`` made with the same mode."""
+        x, y = representation
+        return self.influences_from_factors(z_test_factors, x, y, mode)
+
     @abstractmethod
     def influences(
         self,

@@ -210,8 +210,44 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Iterable]):
         x, y = self._check_xy(x, y, "influences_from_factors")
         factors = self._check_factors(z_test_factors, "influences_from_factors")
         if mode is InfluenceMode.Up:
-            return self._from_gradients(factors, self._gradients(x, y))
+            return self._from_gradients(factors, self._train_gradients(x, y))
         return self._perturbation(factors, x, y)
+
+    def train_representation(self, x: Tensor, y: Tensor, mode: InfluenceMode | str = InfluenceMode.Up):
+        """Per-sample training gradients (up mode; a ``Tensor`` (n, ·)), or the checked
+        (x, y) (perturbation mode), for ``influences_from_representation``."""
+        self._require_fitted("train_representation")
+        mode = self._parse_mode(mode, "train_representation")
+        x, y = self._check_xy(x, y, "train_representation")
+        if mode is InfluenceMode.Up:
+            return self._train_gradients(x, y)
+        return (x, y)
+
+    def influences_from_representation(
+        self, z_test_factors: Tensor, representation, mode: InfluenceMode | str = InfluenceMode.Up
+    ) -> Tensor:
+        """Influences from test factors and a ``train_representation`` made with the same mode."""
+        self._require_fitted("influences_from_representation")
+        mode = self._parse_mode(mode, "influences_from_representation")
+        factors = self._check_factors(z_test_factors, "influences_from_representation")
+        if mode is InfluenceMode.Up:
+            if not isinstance(representation, Tensor):
+                raise ValueError(
+                    f"{type(self).__name__}.influences_from_representation(): the representation "
+                    "was made in perturbation mode, but mode is 'up'."
+                )
+            return self._from_gradients(factors, representation)
+        if isinstance(representation, Tensor):
+            raise ValueError(
+                f"{type(self).__name__}.influences_from_representation(): the representation "
+                "was made in up mode, but mode is 'perturbation'."
+            )
+        x, y = representation
+        return self._perturbation(factors, x, y)
+
+    def _train_gradients(self, x: Tensor, y: Tensor) -> Tensor:
+        """Training-side gradients for ``_from_gradients`` (a subclass may project them)."""
+        return self._gradients(x, y)
 
     def _check_factors(self, factors: Any, method: str) -> Tensor:
         if not isinstance(factors, Tensor) or factors.ndim != 2 or factors.shape[1] != self.n_parameters:
@@ -259,8 +295,11 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Iterable]):
         test_gradients = self._gradients(x_test, y_test)
         factors = self._solve(test_gradients)
         if mode is InfluenceMode.Up:
-            train_gradients = test_gradients if symmetric else self._gradients(x, y)
-            return self._from_gradients(factors, train_gradients)
+            if symmetric and type(self)._train_gradients is TorchInfluenceFunctionModel._train_gradients:
+                return self._from_gradients(factors, test_gradients)
+            return self._from_gradients(
+                factors, self._train_gradients(x_test if symmetric else x, y_test if symmetric else y)
+            )
         if symmetric:
             x, y = x_test, y_test
         return self._perturbation(factors, x, y)
