@@ -1,0 +1,538 @@
+"""Map a fitted influence model over batches of data, one block at a time.
+
+``SequentialInfluenceCalculator`` returns lazy chunk sequences
+(``infscale.array``): nothing is computed until ``compute(aggregator=...)`` or
+``to_zarr(...)``, and then only one test batch × train batch block (plus what is
+cached within the memory budget) is held at a time.
+
+Work done once: the factors (H + λI)⁻¹ ∇ℓ(z_test) of a test batch are computed
+once and used against every training batch. The training side,
+``model.train_representation(x, y, mode)`` (per-sample gradients for the torch
+models), is cached across test batches as long as it fits in ``cache_bytes``.
+When it does not fit, the calculator measures one batch of each side and takes
+the loop order that recomputes the cheaper side (see ``loop_order``).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from .array import BlockSource, ChunkSource, LazyChunkSequence, NestedLazyChunkSequence
+from .base import SIGN_CONVENTION, InfluenceMode, NotFittedError
+
+__all__ = ["SequentialInfluenceCalculator"]
+
+_LOOP_ORDERS = ("auto", "test_outer", "train_outer")
+
+
+def _nbytes(obj: Any) -> int:
+    """Memory held by a representation: tensors, arrays, and containers of them."""
+    if hasattr(obj, "element_size") and hasattr(obj, "numel"):
+        return int(obj.element_size() * obj.numel())
+    if isinstance(obj, np.ndarray):
+        return int(obj.nbytes)
+    if isinstance(obj, (tuple, list)):
+        return sum(_nbytes(o) for o in obj)
+    if isinstance(obj, dict):
+        return sum(_nbytes(o) for o in obj.values())
+    return sys.getsizeof(obj)
+
+
+def _split(batch: Any, name: str, index: int) -> tuple[Any, Any]:
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        what = f"a {type(batch).__name__}" + (
+            f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
+        )
+        raise ValueError(f"{name} must yield (x, y) batches; batch {index} is {what}.")
+    x, y = batch[0], batch[1]
+    if not hasattr(x, "shape") or len(x.shape) == 0:
+        raise ValueError(
+            f"{name} must yield (x, y) batches of arrays; x of batch {index} is {type(x).__name__}."
+        )
+    return x, y
+
+
+class _Loader:
+    """A re-iterable loader of (x, y) batches with its batch sizes."""
+
+    def __init__(self, loader: Any, name: str):
+        if isinstance(loader, (str, bytes)) or not isinstance(loader, Iterable):
+            raise TypeError(
+                f"{name} must be a re-iterable of (x, y) batches, e.g. a DataLoader; "
+                f"got {type(loader).__name__}."
+            )
+        if iter(loader) is loader:
+            raise TypeError(
+                f"{name} is a one-shot iterator ({type(loader).__name__}); the calculator passes over "
+                "the data more than once, so give a DataLoader or a list of batches."
+            )
+        if type(getattr(loader, "sampler", None)).__name__ == "RandomSampler":
+            raise ValueError(
+                f"{name} shuffles (shuffle=True); every pass must yield the same batches in the same "
+                "order, so use shuffle=False."
+            )
+        self.loader = loader
+        self.name = name
+        self._sizes: list[int] | None = None
+        try:
+            first = next(iter(loader))
+        except StopIteration:
+            raise ValueError(f"{name} is empty: it yielded no batch.") from None
+        self.first_x, _ = _split(first, name, 0)
+        self.feature_shape = tuple(self.first_x.shape[1:])
+
+    def sizes(self) -> list[int]:
+        """Rows per batch: from ``len(loader.sampler)`` (or ``len(loader.dataset)``) and
+        ``loader.batch_size`` when the loader has them, else by one pass over the data."""
+        if self._sizes is None:
+            self._sizes = self._sizes_from_lengths()
+            if self._sizes is None:
+                self._sizes = [int(_split(b, self.name, i)[0].shape[0]) for i, b in enumerate(self.loader)]
+        return self._sizes
+
+    def _sizes_from_lengths(self) -> list[int] | None:
+        b = getattr(self.loader, "batch_size", None)
+        if not isinstance(b, int) or b < 1:
+            return None
+        n = None
+        for attr in ("sampler", "dataset"):
+            try:
+                n = len(getattr(self.loader, attr))
+                break
+            except (TypeError, AttributeError, NotImplementedError):
+                continue
+        if n is None:
+            return None
+        sizes = [b] * (n // b)
+        if n % b and not getattr(self.loader, "drop_last", False):
+            sizes.append(n % b)
+        return sizes
+
+    def batches(self, needed: set[int]) -> Iterator[tuple[int, Any, Any]]:
+        """(index, x, y) of the needed batches, in order; stops after the last needed one."""
+        sizes = self.sizes()
+        remaining = set(needed)
+        for i, batch in enumerate(self.loader):
+            if not remaining:
+                return
+            if i not in remaining:
+                continue
+            x, y = _split(batch, self.name, i)
+            if i >= len(sizes) or x.shape[0] != sizes[i]:
+                expected = sizes[i] if i < len(sizes) else "no batch"
+                raise RuntimeError(
+                    f"{self.name} yielded {x.shape[0]} rows as batch {i}, expected {expected}: every "
+                    "pass over a loader must yield the same batches."
+                )
+            remaining.discard(i)
+            yield i, x, y
+        if remaining:
+            raise RuntimeError(
+                f"{self.name} ended before batch {min(remaining)}: it yielded fewer batches than before."
+            )
+
+
+class _Side:
+    """One side of the grid: yields (index, value) for the needed batches in order."""
+
+    def sizes(self) -> list[int]:
+        raise NotImplementedError
+
+    def iter(self, needed: set[int], prefetched: dict[int, Any]) -> Iterator[tuple[int, Any]]:
+        raise NotImplementedError
+
+    def get(self, index: int) -> Any:
+        return next(self.iter({index}, {}))[1]
+
+
+class _LoaderSide(_Side):
+    def __init__(self, loader: _Loader, compute):
+        self.loader = loader
+        self.compute = compute
+
+    def sizes(self):
+        return self.loader.sizes()
+
+    def iter(self, needed, prefetched):
+        remaining = set(needed)
+        loading = remaining - set(prefetched)
+        batches = self.loader.batches(loading) if loading else iter(())
+        for i in sorted(remaining):
+            if i in prefetched:
+                yield i, prefetched.pop(i)
+            else:
+                j, x, y = next(batches)
+                assert j == i
+                yield i, self.compute(x, y)
+
+
+class _FactorSide(_Side):
+    """Test factors given by the user: a lazy chunk sequence, a list of tensors, or any re-iterable."""
+
+    def __init__(self, factors: Any, name: str):
+        self.name = name
+        if isinstance(factors, LazyChunkSequence):
+            self.source: ChunkSource | None = factors.source
+            self.items = None
+        else:
+            self.source = None
+            if isinstance(factors, (str, bytes)) or not isinstance(factors, Iterable):
+                raise TypeError(f"{name} must be an iterable of factor chunks; got {type(factors).__name__}.")
+            if hasattr(factors, "shape"):
+                factors = [factors]  # a single chunk
+            if iter(factors) is factors:
+                factors = list(factors)
+            self.items = factors
+        self._sizes: list[int] | None = None
+
+    def sizes(self):
+        if self._sizes is None:
+            if self.source is not None:
+                self._sizes = list(self.source.chunk_sizes())
+            else:
+                self._sizes = [int(f.shape[0]) for f in self.items]
+            if not self._sizes:
+                raise ValueError(f"{self.name} is empty: it holds no factor chunk.")
+        return self._sizes
+
+    def iter(self, needed, prefetched):
+        remaining = set(needed)
+        if self.source is not None:
+            loading = remaining - set(prefetched)
+            chunks = self.source.iter_chunks(lambda i: i in loading) if loading else iter(())
+            for i in sorted(remaining):
+                if i in prefetched:
+                    yield i, prefetched.pop(i)
+                else:
+                    while True:
+                        j, chunk = next(chunks)
+                        if j == i:
+                            break
+                    yield i, chunk
+            return
+        for i, chunk in enumerate(self.items):
+            if not remaining:
+                return
+            if i in remaining:
+                remaining.discard(i)
+                yield i, prefetched.pop(i) if i in prefetched else chunk
+
+
+class _InfluenceGrid(BlockSource):
+    def __init__(self, calc, test: _Side, train: _Side, mode: InfluenceMode, feature_shape, attributes):
+        self.calc = calc
+        self.test = test
+        self.train = train
+        self.mode = mode
+        self.feature_shape = tuple(feature_shape)
+        self.dtype = calc._numpy_dtype()
+        self._attributes = attributes
+        #: how the last pass went: loop order, cached batches, estimated costs
+        self.last_plan: dict[str, Any] = {}
+
+    def row_sizes(self):
+        return self.test.sizes()
+
+    def col_sizes(self):
+        return self.train.sizes()
+
+    def attributes(self):
+        return self._attributes
+
+    def _block(self, factors, representation):
+        return self.calc.model.influences_from_representation(factors, representation, self.mode)
+
+    def iter_blocks(self, todo=None, row_major=False):
+        rows, cols = self.row_sizes(), self.col_sizes()
+        need = [[j for j in range(len(cols)) if todo is None or todo(i, j)] for i in range(len(rows))]
+        need_rows = [i for i in range(len(rows)) if need[i]]
+        if not need_rows:
+            return
+        need_cols = sorted({j for i in need_rows for j in need[i]})
+        order = "test_outer" if row_major else self.calc.loop_order
+        pre_test: dict[int, Any] = {}
+        pre_train: dict[int, Any] = {}
+        plan: dict[str, Any] = {"cache_bytes": self.calc.cache_bytes}
+        if order == "auto":
+            order = self._choose_order(rows, cols, need_rows, need_cols, need, pre_test, pre_train, plan)
+        plan["loop_order"] = order
+        self.last_plan = plan
+        if order == "test_outer":
+            yield from self._loop(
+                self.test, self.train, need_rows, lambda i: need[i], pre_test, pre_train, self._block, False
+            )
+        else:
+            by_col: dict[int, list[int]] = {}
+            for i in need_rows:
+                for j in need[i]:
+                    by_col.setdefault(j, []).append(i)
+            yield from self._loop(
+                self.train, self.test, need_cols, lambda j: by_col[j], pre_train, pre_test,
+                lambda r, f: self._block(f, r), True,
+            )  # fmt: skip
+
+    def _choose_order(self, rows, cols, need_rows, need_cols, need, pre_test, pre_train, plan) -> str:
+        """Measure one batch of each side; pick the order whose recomputation costs less."""
+        i0 = need_rows[0]
+        j0 = need[i0][0]
+        start = time.perf_counter()
+        pre_test[i0] = self.test.get(i0)
+        t_factor = (time.perf_counter() - start) / rows[i0]
+        start = time.perf_counter()
+        pre_train[j0] = self.train.get(j0)
+        t_repr = (time.perf_counter() - start) / cols[j0]
+        b_factor = _nbytes(pre_test[i0]) / rows[i0]
+        b_repr = _nbytes(pre_train[j0]) / cols[j0]
+
+        def uncached(indices, sizes, per_sample):
+            used, left = 0.0, 0
+            for k in indices:
+                size = sizes[k] * per_sample
+                if used + size <= self.calc.cache_bytes:
+                    used += size
+                else:
+                    left += sizes[k]
+            return left
+
+        extra_test_outer = (len(need_rows) - 1) * uncached(need_cols, cols, b_repr) * t_repr
+        extra_train_outer = (len(need_cols) - 1) * uncached(need_rows, rows, b_factor) * t_factor
+        plan.update(
+            seconds_per_test_sample=t_factor,
+            seconds_per_train_sample=t_repr,
+            recompute_seconds_test_outer=extra_test_outer,
+            recompute_seconds_train_outer=extra_train_outer,
+        )
+        return "train_outer" if extra_train_outer < extra_test_outer else "test_outer"
+
+    def _loop(self, outer, inner, outer_idx, inner_for, pre_outer, pre_inner, block, swap):
+        """Outer side computed once per batch; inner side cached within the budget, else recomputed."""
+        budget = self.calc.cache_bytes
+        cache: dict[int, Any] = {}
+        used = 0
+        for o, o_value in outer.iter(set(outer_idx), pre_outer):
+            wanted = inner_for(o)
+            missing = {k for k in wanted if k not in cache}
+            stream = inner.iter(missing, pre_inner) if missing else iter(())
+            for k in wanted:
+                if k in cache:
+                    value = cache[k]
+                else:
+                    got, value = next(stream)
+                    assert got == k
+                    size = _nbytes(value)
+                    if used + size <= budget:
+                        cache[k] = value
+                        used += size
+                yield (k, o, block(o_value, value)) if swap else (o, k, block(o_value, value))
+                del value
+            self.last_plan["cached_batches"] = len(cache)
+            self.last_plan["cached_bytes"] = used
+
+
+class _ChunkMap(ChunkSource):
+    """A flat source: ``compute(x, y)`` mapped over the batches of one loader."""
+
+    def __init__(self, loader: _Loader, compute, feature_shape, dtype, attributes):
+        self.loader = loader
+        self.compute = compute
+        self.feature_shape = tuple(feature_shape)
+        self.dtype = dtype
+        self._attributes = attributes
+
+    def chunk_sizes(self):
+        return self.loader.sizes()
+
+    def iter_chunks(self, todo=None):
+        needed = {i for i in range(len(self.chunk_sizes())) if todo is None or todo(i)}
+        for i, x, y in self.loader.batches(needed):
+            yield i, self.compute(x, y)
+
+    def attributes(self):
+        return self._attributes
+
+
+class SequentialInfluenceCalculator:
+    """Computes influences batch by batch in one process, lazily.
+
+    Args:
+        influence_function_model: a fitted ``InfluenceFunctionModel`` (e.g.
+            ``CgInfluence(...).fit(train_loader)``).
+        cache_bytes: memory budget (bytes) for reusing one side across the other:
+            training representations (per-sample gradients) across test batches, or
+            test factors across training batches. Default 1 GiB; 0 disables caching.
+        loop_order: ``"auto"`` (default): test batches outside, training batches inside,
+            unless the training side does not fit in ``cache_bytes`` and measuring one
+            batch of each side shows that recomputing the test factors is cheaper;
+            ``"test_outer"`` or ``"train_outer"`` force an order. Aggregators that need
+            rows in order (anything but a ``BlockAggregator``) always get test_outer.
+
+    Loaders are re-iterable sources of (x, y) batches that yield the same batches in
+    the same order on every pass (a ``DataLoader`` with ``shuffle=False``). Their
+    lengths come from ``len(loader.sampler)`` (or ``len(loader.dataset)``) and
+    ``loader.batch_size``; a loader without them is counted by one extra pass over
+    its data.
+
+    Sign convention: ``influences`` are ∇ℓ(z_test)ᵀ (H + λI)⁻¹ ∇ℓ(z_train); positive
+    means up-weighting the training point lowers the test loss (it helps).
+    """
+
+    def __init__(
+        self,
+        influence_function_model: Any,
+        cache_bytes: int = 1 << 30,
+        loop_order: str = "auto",
+    ):
+        for name in (
+            "influence_factors",
+            "train_representation",
+            "influences_from_representation",
+            "is_fitted",
+        ):
+            if not hasattr(influence_function_model, name):
+                raise TypeError(
+                    "influence_function_model must be an infscale InfluenceFunctionModel "
+                    f"(it lacks {name}); got {type(influence_function_model).__name__}."
+                )
+        if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, (int, float)) or cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be a number of bytes ≥ 0; got {cache_bytes!r}.")
+        if loop_order not in _LOOP_ORDERS:
+            raise ValueError(f"loop_order must be one of {_LOOP_ORDERS}; got {loop_order!r}.")
+        self.model = influence_function_model
+        self.cache_bytes = cache_bytes
+        self.loop_order = loop_order
+
+    # ------------------------------------------------------------------ helpers
+    def _require_fitted(self, method: str) -> None:
+        if not self.model.is_fitted:
+            raise NotFittedError(type(self.model), method)
+
+    def _numpy_dtype(self) -> np.dtype | None:
+        dtype = getattr(self.model, "dtype", None)
+        if dtype is None:
+            return None
+        try:
+            import torch
+
+            if isinstance(dtype, torch.dtype):
+                return torch.empty(0, dtype=dtype).numpy().dtype
+        except (ImportError, TypeError):
+            return None
+        try:
+            return np.dtype(dtype)
+        except TypeError:
+            return None
+
+    def _attributes(self, quantity: str, mode: InfluenceMode | None) -> dict[str, Any]:
+        from . import __version__
+
+        hyper = getattr(self.model, "hyperparameters", None)
+        attributes = {
+            "quantity": quantity,
+            "method": type(self.model).__name__,
+            "hyperparameters": hyper() if callable(hyper) else {},
+            "sign_convention": SIGN_CONVENTION,
+            "infscale_version": __version__,
+        }
+        if mode is not None:
+            attributes["mode"] = mode.value
+        return attributes
+
+    def _mode(self, mode: Any, method: str) -> InfluenceMode:
+        return InfluenceMode.parse(mode, type(self), method)
+
+    # ------------------------------------------------------------------ queries
+    def influence_factors(self, data_iterable: Iterable) -> LazyChunkSequence:
+        """Lazy (H + λI)⁻¹ ∇ℓ(x, y) per batch: chunks of shape (batch, n_parameters)."""
+        self._require_fitted("influence_factors")
+        loader = _Loader(data_iterable, "data_iterable")
+        source = _ChunkMap(
+            loader,
+            self.model.influence_factors,
+            (int(self.model.n_parameters),) if hasattr(self.model, "n_parameters") else (),
+            self._numpy_dtype(),
+            self._attributes("influence_factors", None),
+        )
+        return LazyChunkSequence(source)
+
+    def influences(
+        self,
+        test_data_iterable: Iterable,
+        train_data_iterable: Iterable,
+        mode: InfluenceMode | str = InfluenceMode.Up,
+    ) -> NestedLazyChunkSequence:
+        """Lazy influences of every training batch on every test batch.
+
+        Blocks have shape (test batch, train batch) in mode ``"up"`` and
+        (test batch, train batch, *feature_shape) in ``"perturbation"``; the whole
+        is (n_test, n_train[, *feature_shape]). Nothing is computed here.
+
+        Raises:
+            NotFittedError: the model is not fitted.
+            ValueError: an empty loader, batches that are not (x, y), test and train
+                inputs of different feature shapes, a shuffling loader, a bad mode.
+        """
+        self._require_fitted("influences")
+        mode = self._mode(mode, "influences")
+        test = _Loader(test_data_iterable, "test_data_iterable")
+        train = _Loader(train_data_iterable, "train_data_iterable")
+        if test.feature_shape != train.feature_shape:
+            raise ValueError(
+                f"test and train inputs must have the same feature shape; test_data_iterable yields "
+                f"{test.feature_shape}, train_data_iterable yields {train.feature_shape}."
+            )
+        test_side = _LoaderSide(test, self.model.influence_factors)
+        train_side = _LoaderSide(train, lambda x, y: self.model.train_representation(x, y, mode))
+        feature = train.feature_shape if mode is InfluenceMode.Perturbation else ()
+        grid = _InfluenceGrid(
+            self, test_side, train_side, mode, feature, self._attributes("influences", mode)
+        )
+        return NestedLazyChunkSequence(grid)
+
+    def influences_from_factors(
+        self,
+        z_test_factors: Iterable,
+        train_data_iterable: Iterable,
+        mode: InfluenceMode | str = InfluenceMode.Up,
+    ) -> NestedLazyChunkSequence:
+        """Lazy influences from precomputed test factors.
+
+        Args:
+            z_test_factors: the chunks of test factors, each (batch, n_parameters): the
+                lazy sequence of ``influence_factors`` (then only the needed chunks are
+                computed), or a list of tensors.
+            train_data_iterable: the training loader.
+            mode: ``"up"`` or ``"perturbation"``.
+        """
+        self._require_fitted("influences_from_factors")
+        mode = self._mode(mode, "influences_from_factors")
+        test_side = _FactorSide(z_test_factors, "z_test_factors")
+        train = _Loader(train_data_iterable, "train_data_iterable")
+        train_side = _LoaderSide(train, lambda x, y: self.model.train_representation(x, y, mode))
+        feature = train.feature_shape if mode is InfluenceMode.Perturbation else ()
+        grid = _InfluenceGrid(
+            self, test_side, train_side, mode, feature, self._attributes("influences", mode)
+        )
+        return NestedLazyChunkSequence(grid)
+
+    def self_influences(
+        self, data_iterable: Iterable, mode: InfluenceMode | str = InfluenceMode.Up
+    ) -> LazyChunkSequence:
+        """Lazy diagonal of ``influences(data, data)``: chunks (batch,) in mode ``"up"``,
+        (batch, *feature_shape) in ``"perturbation"``."""
+        self._require_fitted("self_influences")
+        mode = self._mode(mode, "self_influences")
+        loader = _Loader(data_iterable, "data_iterable")
+        feature = loader.feature_shape if mode is InfluenceMode.Perturbation else ()
+        source = _ChunkMap(
+            loader,
+            lambda x, y: self.model.self_influences(x, y, mode),
+            feature,
+            self._numpy_dtype(),
+            self._attributes("self_influences", mode),
+        )
+        return LazyChunkSequence(source)
