@@ -13,6 +13,7 @@ from .base import (
     NotFittedError,
     UnsupportedInfluenceModeError,
 )
+from .calculator import SequentialInfluenceCalculator
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,7 @@ __all__ = [
     "InfluenceFunctionModel",
     "InfluenceMode",
     "NotFittedError",
+    "SequentialInfluenceCalculator",
     "UnsupportedInfluenceModeError",
     "__version__",
 ]
