@@ -1,0 +1,292 @@
+"""ArnoldiInfluence: the top eigenpairs of each curvature block by block Lanczos,
+inverted on their span."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .base import TorchInfluenceFunctionModel
+from .direct import NotPositiveDefiniteError
+from .functional import BlockMode, LossFunction, SecondOrderMode, _Block, default_chunk_size
+
+__all__ = ["ArnoldiInfluence", "lanczos_eigenpairs", "LanczosResult"]
+
+MatMat = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class LanczosResult:
+    """Ritz pairs of a symmetric operator.
+
+    Attributes:
+        eigenvalues: (r,), ordered by decreasing magnitude.
+        eigenvectors: (size, r), orthonormal columns.
+        residuals: (r,) ‖A v − σ v‖ of each pair (exact: from the stored products).
+        converged: whether every residual is ≤ tol · max |σ|.
+        n_products: number of block products with the operator (passes over the data).
+        krylov_dimension: dimension of the Krylov space that was built.
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    residuals: Tensor
+    converged: bool
+    n_products: int
+    krylov_dimension: int
+
+
+def _orthonormal_columns(W: Tensor, reference: float) -> Tensor:
+    """Orthonormal basis of span(W), dropping directions with singular value ≤ 100·eps·reference."""
+    if W.shape[1] == 0:
+        return W
+    U, s, _ = torch.linalg.svd(W, full_matrices=False)
+    threshold = 100 * torch.finfo(W.dtype).eps * max(reference, torch.finfo(W.dtype).tiny)
+    return U[:, s > threshold]
+
+
+def lanczos_eigenpairs(
+    matmat: MatMat,
+    size: int,
+    rank: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    krylov_dimension: int | None = None,
+    tol: float = 1e-4,
+    max_iter: int | None = None,
+    block_size: int | None = None,
+    seed: int = 0,
+) -> LanczosResult:
+    """The ``rank`` eigenpairs of largest magnitude of a symmetric operator A (size × size),
+    by block Lanczos with full reorthogonalization and Rayleigh-Ritz.
+
+    Each iteration multiplies A with a block of ``block_size`` vectors at once (one
+    pass over the data for the whole block). The Krylov basis Q and the products AQ
+    are kept, so T = Qᵀ A Q and the residuals ‖A v − σ v‖ of the Ritz pairs are exact
+    without extra products. Stops when every residual is ≤ tol · max|σ|, when the
+    basis reaches ``krylov_dimension`` vectors, after ``max_iter`` block products,
+    or when the Krylov space becomes invariant (then the pairs are exact).
+
+    Args:
+        matmat: V (k, size) → V Aᵀ (k, size), i.e. A applied to each row.
+        size: dimension of A.
+        rank: number of eigenpairs wanted (capped at size).
+        krylov_dimension: most basis vectors kept (default min(size, max(10·rank, 128))).
+            Memory is 2 · size · krylov_dimension numbers.
+        tol: relative residual tolerance (raised to 100·eps of the dtype).
+        max_iter: most block products (default: until krylov_dimension).
+        block_size: vectors per product (default: rank).
+        seed: seed of the random start block.
+
+    Returns:
+        A ``LanczosResult``.
+    """
+    rank = min(rank, size)
+    m_max = min(size, krylov_dimension or max(10 * rank, 128))
+    m_max = max(m_max, rank)
+    b = min(block_size or rank, m_max)
+    tol = max(tol, 100 * torch.finfo(dtype).eps)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    start = torch.randn(size, b, generator=g, dtype=torch.float64).to(device, dtype)
+    Q, _ = torch.linalg.qr(start)
+    basis: list[Tensor] = []
+    products: list[Tensor] = []
+    n_products = 0
+    converged = False
+    while True:
+        AQ = matmat(Q.T).T
+        n_products += 1
+        basis.append(Q)
+        products.append(AQ)
+        Q_all = torch.cat(basis, dim=1)
+        AQ_all = torch.cat(products, dim=1)
+        T = (Q_all.T @ AQ_all).double()
+        T = (T + T.T) / 2
+        evals, evecs = torch.linalg.eigh(T)
+        order = torch.argsort(evals.abs(), descending=True)[:rank]
+        sigma = evals[order]
+        Y = evecs[:, order].to(dtype)
+        V = Q_all @ Y
+        residuals = torch.linalg.norm(AQ_all @ Y - V * sigma.to(dtype), dim=0)
+        scale = evals.abs().max().item() if evals.numel() else 0.0
+        m = Q_all.shape[1]
+        converged = m >= rank and bool((residuals <= tol * max(scale, torch.finfo(dtype).tiny)).all())
+        if converged or m >= m_max or (max_iter is not None and n_products >= max_iter):
+            break
+        W = AQ - Q_all @ (Q_all.T @ AQ)
+        W = W - Q_all @ (Q_all.T @ W)  # twice is enough (Giraud et al. 2005)
+        Q = _orthonormal_columns(W, scale if scale > 0 else 1.0)[:, : m_max - m]
+        if Q.shape[1] == 0:  # invariant subspace: the Ritz pairs are exact eigenpairs
+            converged = m >= rank or m == size
+            break
+        Q = Q - Q_all @ (Q_all.T @ Q)
+        Q, _ = torch.linalg.qr(Q)
+    return LanczosResult(sigma.to(dtype), V, residuals, converged, n_products, m)
+
+
+class ArnoldiInfluence(TorchInfluenceFunctionModel):
+    """Influences through a low-rank eigendecomposition of each curvature block.
+
+    At ``fit``, the ``rank`` eigenpairs (σ, v) of largest magnitude of each
+    curvature block are found by block Lanczos on curvature-matrix products
+    (``lanczos_eigenpairs``). The inverse is the *truncated* one,
+
+        (H + λI)⁻¹ ≈ V diag(1 / (σ + λ)) Vᵀ,
+
+    i.e. gradient components outside the span of the top eigenvectors are
+    dropped (not scaled by 1/λ). This keeps the directions in which the loss
+    curves most: those where (H + λI)⁻¹ is *smallest*; it is exact when ``rank``
+    equals the block size. After ``fit`` queries never touch the training data,
+    and influences go through projections G V (n × rank): training gradients
+    are projected chunk by chunk, so ``train_representation`` is (n, Σ rank_b).
+
+    Args:
+        model, loss, hessian_regularization, block_structure, second_order_mode,
+            gradient_chunk_size: see ``TorchInfluenceFunctionModel``.
+        rank: eigenpairs per block (capped at the block size).
+        krylov_dimension: most Lanczos basis vectors per block (default
+            min(p_b, max(10·rank, 128))); memory 2 · p_b · krylov_dimension.
+        tol: stop when every Ritz residual ‖Hv − σv‖ ≤ tol · max|σ|.
+        max_iter: most block products (passes over the data) per block.
+        block_size: Lanczos vectors per product (default: rank).
+        seed: seed of the random start.
+
+    Raises:
+        ValueError: rank < 1, krylov_dimension < rank, tol ≤ 0, max_iter < 1.
+        NotPositiveDefiniteError (at fit / with_regularization): some σ + λ ≤ 0,
+            i.e. the Hessian has a negative eigenvalue among the top ones;
+            use SecondOrderMode.GAUSS_NEWTON or a larger λ.
+
+    Warns:
+        RuntimeWarning when Lanczos stops before the tolerance, with the worst
+        relative residual.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: LossFunction,
+        hessian_regularization: float | Mapping[str, float] = 0.0,
+        rank: int = 10,
+        krylov_dimension: int | None = None,
+        tol: float = 1e-4,
+        max_iter: int | None = None,
+        block_structure: BlockMode | str | Mapping[str, Iterable[str]] = BlockMode.FULL,
+        second_order_mode: SecondOrderMode | str = SecondOrderMode.HESSIAN,
+        gradient_chunk_size: int | None = None,
+        block_size: int | None = None,
+        seed: int = 0,
+    ):
+        super().__init__(
+            model, loss, hessian_regularization, block_structure, second_order_mode, gradient_chunk_size
+        )
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be an integer ≥ 1; got {rank!r}.")
+        if krylov_dimension is not None and krylov_dimension < rank:
+            raise ValueError(
+                f"krylov_dimension must be ≥ rank={rank} or None; got krylov_dimension={krylov_dimension}."
+            )
+        if not tol > 0:
+            raise ValueError(f"tol must be > 0; got {tol}.")
+        if max_iter is not None and max_iter < 1:
+            raise ValueError(f"max_iter must be ≥ 1 or None; got {max_iter}.")
+        if block_size is not None and block_size < 1:
+            raise ValueError(f"block_size must be ≥ 1 or None; got {block_size}.")
+        self.rank = rank
+        self.krylov_dimension = krylov_dimension
+        self.tol = tol
+        self.max_iter = max_iter
+        self.block_size = block_size
+        self.seed = seed
+        self.eigenvalues: dict[str, Tensor] = {}
+        self.eigenvectors: dict[str, Tensor] = {}
+        self.lanczos: dict[str, LanczosResult] = {}
+
+    def hyperparameters(self):
+        return {
+            **super().hyperparameters(),
+            "rank": self.rank,
+            "krylov_dimension": self.krylov_dimension,
+            "tol": self.tol,
+            "max_iter": self.max_iter,
+        }
+
+    def _fit(self, data: Iterable) -> None:
+        self.eigenvalues, self.eigenvectors, self.lanczos = {}, {}, {}
+        for i, b in enumerate(self.layout.blocks):
+            op = self._curvature_operator(data, b)
+            result = lanczos_eigenpairs(
+                op.matmat,
+                op.size,
+                self.rank,
+                self.dtype,
+                self.device,
+                self.krylov_dimension,
+                self.tol,
+                self.max_iter,
+                self.block_size,
+                self.seed + i,
+            )
+            if not result.converged:
+                scale = result.eigenvalues.abs().max().clamp_min(torch.finfo(self.dtype).tiny)
+                worst = (result.residuals.max() / scale).item()
+                warnings.warn(
+                    f"ArnoldiInfluence: Lanczos for block {b.name!r} stopped after {result.n_products} "
+                    f"products with a {result.krylov_dimension}-dimensional Krylov space before reaching "
+                    f"tol={self.tol:g}: worst relative residual {worst:.3g}. Raise krylov_dimension or "
+                    "max_iter, or loosen tol.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            self.lanczos[b.name] = result
+            self.eigenvalues[b.name] = result.eigenvalues
+            self.eigenvectors[b.name] = result.eigenvectors
+        self._check_definite(self.regularization)
+
+    def _check_definite(self, regularization: Mapping[str, float]) -> None:
+        for name, sigma in self.eigenvalues.items():
+            lam = regularization[name]
+            shifted = sigma + lam
+            if bool((shifted <= 0).any()):
+                smallest = sigma.min().item()
+                raise NotPositiveDefiniteError(
+                    f"ArnoldiInfluence: block {name!r} has eigenvalue {smallest:.4g} among its top "
+                    f"{sigma.numel()}, so σ + hessian_regularization={lam:g} ≤ 0 and the inverse is not "
+                    f"defined. Use hessian_regularization > {-smallest:.3g}, or "
+                    "second_order_mode=SecondOrderMode.GAUSS_NEWTON (positive semi-definite)."
+                )
+
+    def _solve_block(self, block: _Block, rhs: Tensor) -> Tensor:
+        V = self.eigenvectors[block.name]
+        scale = 1.0 / (self.eigenvalues[block.name] + self.regularization[block.name])
+        return ((rhs @ V) * scale) @ V.T
+
+    # influences through the eigenbasis: (n_test × r) · (r × n_train)
+    def _project(self, vectors: Tensor) -> Tensor:
+        return torch.cat([vectors[:, b.slice] @ self.eigenvectors[b.name] for b in self.layout.blocks], dim=1)
+
+    def _train_gradients(self, x: Tensor, y: Tensor) -> Tensor:
+        chunk = self.gradient_chunk_size or default_chunk_size(
+            self.n_parameters, torch.finfo(self.dtype).bits // 8
+        )
+        parts = [
+            self._project(self._gradients(x[s : s + chunk], y[s : s + chunk]))
+            for s in range(0, len(x), chunk)
+        ]
+        if not parts:
+            return x.new_zeros((0, sum(v.shape[1] for v in self.eigenvectors.values())), dtype=self.dtype)
+        return torch.cat(parts)
+
+    def _from_gradients(self, factors: Tensor, train_gradients: Tensor) -> Tensor:
+        # factors lie in the span of the eigenvectors, so factors · g = (factors V)(Vᵀ g)
+        return self._project(factors) @ train_gradients.T
+
+    def with_regularization(self, hessian_regularization) -> ArnoldiInfluence:
+        """A copy with another λ that reuses the eigenpairs (no pass over the data)."""
+        new = self._copy_with_regularization(hessian_regularization)
+        new._check_definite(new.regularization)
+        return new
