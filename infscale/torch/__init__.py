@@ -3,6 +3,7 @@
 from .base import TorchInfluenceFunctionModel
 from .cg import CgInfluence
 from .direct import DirectInfluence, NotPositiveDefiniteError
+from .ekfac import EkfacInfluence, EkfacLoss, FisherType
 from .functional import BlockMode, SecondOrderMode
 from .preconditioner import JacobiPreconditioner, NystroemPreconditioner
 
@@ -15,4 +16,7 @@ __all__ = [
     "SecondOrderMode",
     "JacobiPreconditioner",
     "NystroemPreconditioner",
+    "EkfacInfluence",
+    "EkfacLoss",
+    "FisherType",
 ]
