@@ -14,10 +14,22 @@ from .base import (
     UnsupportedInfluenceModeError,
 )
 from .calculator import SequentialInfluenceCalculator
+from .parallel import (
+    DaskInfluenceCalculator,
+    DisableClientSingleThreadCheck,
+    InvalidDimensionChunksError,
+    ThreadSafetyViolationError,
+    UnalignedChunksError,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DaskInfluenceCalculator",
+    "DisableClientSingleThreadCheck",
+    "InvalidDimensionChunksError",
+    "ThreadSafetyViolationError",
+    "UnalignedChunksError",
     "SIGN_CONVENTION",
     "InfluenceFunctionModel",
     "InfluenceMode",

@@ -1,0 +1,481 @@
+"""Influences on Dask: lazy ``dask.array.Array`` results computed chunk by chunk, on
+any scheduler (a ``distributed`` cluster, threads, or the synchronous scheduler).
+
+Sign convention (as everywhere in infscale): ``influences`` returns
+∇ℓ(z_test)ᵀ (H + λI)⁻¹ ∇ℓ(z_train), shape (n_test, n_train). Positive means that
+up-weighting the training point lowers the test loss (it helps); removing training
+point i changes the test loss by about ``+influence / n_train``. In perturbation mode
+the result has shape (n_test, n_train, *input_feature_shape).
+
+How the work is laid out (see ``docs/parallel.md``):
+
+- the fitted model is a single key of the task graph; every task that needs it
+  depends on that key, so the scheduler ships it to each worker once, and if a
+  worker dies the scheduler can rebuild the key from the graph (a scattered future
+  would be lost with the last worker holding it);
+- one factor task per test chunk, one training-representation task (per-sample
+  gradients, in up mode) per training chunk, and one cheap product task per
+  (test chunk, training chunk) pair.
+"""
+
+from __future__ import annotations
+
+import uuid
+import warnings
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
+
+from .base import InfluenceFunctionModel, InfluenceMode, NotFittedError
+
+__all__ = [
+    "DaskInfluenceCalculator",
+    "DisableClientSingleThreadCheck",
+    "ThreadSafetyViolationError",
+    "InvalidDimensionChunksError",
+    "UnalignedChunksError",
+]
+
+
+class ThreadSafetyViolationError(RuntimeError):
+    """A model that is not thread-safe was paired with a client whose workers run several threads."""
+
+    def __init__(self, model_name: str, workers: dict[str, int]):
+        listed = ", ".join(f"{address} ({n} threads)" for address, n in sorted(workers.items()))
+        super().__init__(
+            f"{model_name} is not thread-safe (is_thread_safe is False), but these Dask workers run "
+            f"more than one thread: {listed}. Start the cluster with one thread per worker, e.g. "
+            "Client(threads_per_worker=1) or `dask worker --nthreads 1`, or pass "
+            "client=DisableClientSingleThreadCheck to skip this check (e.g. with the synchronous scheduler)."
+        )
+
+
+class InvalidDimensionChunksError(ValueError):
+    """An input array is chunked along an axis other than the first (rows)."""
+
+    def __init__(self, name: str, chunks: tuple):
+        super().__init__(
+            f"{name} must be chunked along its first axis (rows) only; got chunks {chunks}. "
+            f"Rechunk the other axes into one chunk, e.g. {name}.rechunk({{i: -1 for i in range(1, "
+            f"{name}.ndim)}})."
+        )
+
+
+class UnalignedChunksError(ValueError):
+    """Two arrays that are read row by row together have different row chunks."""
+
+    def __init__(self, name_a: str, chunks_a: tuple, name_b: str, chunks_b: tuple):
+        super().__init__(
+            f"{name_a} and {name_b} must have the same row chunks; got {name_a}.chunks[0]={chunks_a} "
+            f"and {name_b}.chunks[0]={chunks_b}. Rechunk one like the other, e.g. "
+            f"{name_b} = {name_b}.rechunk({{0: {name_a}.chunks[0]}})."
+        )
+
+
+class DisableClientSingleThreadCheck:
+    """Pass this class itself (not an instance) as ``client`` to skip the thread-safety
+    check, e.g. to compute with ``scheduler="synchronous"`` while debugging.
+
+    With the check off, computing a non-thread-safe model on a multi-threaded
+    scheduler (dask's default threaded scheduler included) can give wrong numbers.
+    """
+
+    @staticmethod
+    def warning_msg() -> str:
+        return (
+            "DaskInfluenceCalculator: the thread-safety check is off "
+            "(client=DisableClientSingleThreadCheck). "
+            "If the model is not thread-safe, compute only with one thread per worker, e.g. "
+            '.compute(scheduler="synchronous") or a Client(threads_per_worker=1).'
+        )
+
+
+def _numpy_dtype(dtype: Any) -> np.dtype:
+    """A numpy dtype from a numpy or torch dtype (``torch.float32`` → ``float32``)."""
+    try:
+        return np.dtype(dtype)
+    except TypeError:
+        name = str(dtype).rsplit(".", 1)[-1]
+        try:
+            return np.dtype(name)
+        except TypeError:
+            return np.dtype(np.float32)  # e.g. bfloat16 has no numpy equivalent
+
+
+def _block_key(array: da.Array, row_block: int) -> tuple:
+    return (array.name, row_block) + (0,) * (array.ndim - 1)
+
+
+# --------------------------------------------------------------- task functions
+# Module-level functions (pickled by reference). Each takes the model as its first
+# argument: the scheduler replaces the model's key with the object on the worker.
+
+
+def _to_host(obj: Any, converter: Any) -> Any:
+    """Tensors (possibly in tuples/lists) → numpy arrays, so that dask can size and ship them."""
+    if isinstance(obj, np.ndarray):
+        return obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_host(o, converter) for o in obj)
+    return converter.to_numpy(obj)
+
+
+def _from_host(obj: Any, converter: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return converter.from_numpy(obj)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_from_host(o, converter) for o in obj)
+    return obj
+
+
+def _factors_task(model, converter, dtype, x, y):
+    factors = model.influence_factors(converter.from_numpy(x), converter.from_numpy(y))
+    return np.asarray(converter.to_numpy(factors), dtype=dtype)
+
+
+def _representation_task(model, converter, mode, x, y):
+    representation = model.train_representation(converter.from_numpy(x), converter.from_numpy(y), mode)
+    return _to_host(representation, converter)
+
+
+def _product_task(model, converter, mode, dtype, factors, representation):
+    values = model.influences_from_representation(
+        converter.from_numpy(factors), _from_host(representation, converter), mode
+    )
+    return np.asarray(converter.to_numpy(values), dtype=dtype)
+
+
+def _self_influences_task(model, converter, mode, dtype, x, y):
+    values = model.self_influences(converter.from_numpy(x), converter.from_numpy(y), mode)
+    return np.asarray(converter.to_numpy(values), dtype=dtype)
+
+
+# --------------------------------------------------------------- the calculator
+
+
+class DaskInfluenceCalculator:
+    """Maps an influence model over the chunks of dask arrays, in parallel.
+
+    Every method returns a lazy ``dask.array.Array``: nothing runs until it is
+    computed or stored (``.compute()``, ``.persist()``, ``.to_zarr(url)``), on
+    whichever scheduler is active then (the client's cluster by default). Result
+    chunks follow the inputs' row chunks; the dtype is the model's (a torch dtype
+    is mapped to numpy's). Inputs must be chunked along their first axis only.
+
+    Args:
+        influence_function_model: a fitted ``InfluenceFunctionModel``.
+        converter: turns numpy chunks into the model's tensors and back, e.g.
+            ``infscale.torch.util.TorchNumpyConverter(device=torch.device("cpu"))``.
+        client: a ``distributed.Client``, or the class ``DisableClientSingleThreadCheck``
+            itself to skip the thread-safety check (a warning says so).
+
+    Raises:
+        NotFittedError: the model is not fitted.
+        TypeError: the model, converter or client is of the wrong kind.
+        ValueError: the client is closed.
+        ThreadSafetyViolationError: the model is not thread-safe and some worker
+            of the client runs more than one thread.
+
+    Warns:
+        UserWarning: when ``client`` is ``DisableClientSingleThreadCheck``.
+    """
+
+    def __init__(self, influence_function_model: InfluenceFunctionModel, converter: Any, client: Any):
+        model = influence_function_model
+        if not isinstance(model, InfluenceFunctionModel):
+            raise TypeError(
+                "influence_function_model must be an infscale InfluenceFunctionModel (e.g. CgInfluence); "
+                f"got {type(model).__name__}."
+            )
+        if not model.is_fitted:
+            raise _UnfittedModelError(type(model))
+        for method in ("to_numpy", "from_numpy"):
+            if not callable(getattr(converter, method, None)):
+                raise TypeError(
+                    "converter must have to_numpy() and from_numpy() methods, e.g. "
+                    f"infscale.torch.util.TorchNumpyConverter(); got {type(converter).__name__}."
+                )
+        self.model = model
+        self.converter = converter
+        self.client = client
+        if client is DisableClientSingleThreadCheck:
+            warnings.warn(DisableClientSingleThreadCheck.warning_msg(), UserWarning, stacklevel=2)
+        else:
+            from distributed import Client
+
+            if not isinstance(client, Client):
+                raise TypeError(
+                    "client must be a distributed.Client or the class DisableClientSingleThreadCheck "
+                    f"itself; got {client!r}."
+                )
+            self._check_client_open()
+            if not model.is_thread_safe:
+                multi = {address: int(n) for address, n in client.nthreads().items() if int(n) > 1}
+                if multi:
+                    raise ThreadSafetyViolationError(type(model).__name__, multi)
+        self.dtype = _numpy_dtype(getattr(model, "dtype", np.float64))
+        # The model as one graph key, shared by every array this calculator makes.
+        self._model = dask.delayed(
+            model,
+            name=f"influence-model-{type(model).__name__}-{uuid.uuid4().hex}",
+            pure=True,
+            traverse=False,
+        )
+
+    # ------------------------------------------------------------ validation
+    def _check_client_open(self) -> None:
+        client = self.client
+        if client is DisableClientSingleThreadCheck:
+            return
+        if client.status in ("closed", "closing", "failed"):
+            raise ValueError(
+                f"client is {client.status}: DaskInfluenceCalculator needs an open distributed.Client "
+                "(create a new one, or pass client=DisableClientSingleThreadCheck to compute without one)."
+            )
+
+    def _check_array(self, array: Any, name: str, method: str) -> None:
+        if not isinstance(array, da.Array):
+            raise TypeError(
+                f"DaskInfluenceCalculator.{method}(): {name} must be a dask.array.Array "
+                "(e.g. from torch_dataset_to_dask_array or dask.array.from_array); "
+                f"got {type(array).__name__}."
+            )
+        if array.ndim == 0:
+            raise ValueError(
+                f"DaskInfluenceCalculator.{method}(): {name} must have a row axis; got a scalar."
+            )
+        if any(np.isnan(c) for chunks in array.chunks for c in chunks):
+            raise ValueError(
+                f"DaskInfluenceCalculator.{method}(): {name} has unknown chunk sizes {array.chunks}; "
+                f"call {name}.compute_chunk_sizes() first."
+            )
+        if any(len(chunks) > 1 for chunks in array.chunks[1:]):
+            raise InvalidDimensionChunksError(name, array.chunks)
+
+    def _check_pair(self, x: Any, y: Any, method: str, x_name: str = "x", y_name: str = "y") -> None:
+        self._check_array(x, x_name, method)
+        self._check_array(y, y_name, method)
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"DaskInfluenceCalculator.{method}(): {x_name} and {y_name} must have the same number of "
+                f"rows; got {x_name} of shape {x.shape} and {y_name} of shape {y.shape}."
+            )
+        if x.chunks[0] != y.chunks[0]:
+            raise UnalignedChunksError(x_name, x.chunks[0], y_name, y.chunks[0])
+        fitted = getattr(self.model, "_feature_shape", None)
+        if fitted is not None and tuple(x.shape[1:]) != tuple(fitted):
+            raise ValueError(
+                f"DaskInfluenceCalculator.{method}(): {x_name} has feature shape {x.shape[1:]}, but the "
+                f"model was fitted on inputs of feature shape {tuple(fitted)}."
+            )
+
+    def _parse_mode(self, mode: Any, method: str) -> InfluenceMode:
+        return InfluenceMode.parse(mode, type(self), method)
+
+    # ------------------------------------------------------------ graph pieces
+    def _factor_tasks(self, x: da.Array, y: da.Array) -> tuple[str, dict]:
+        name = "influence-factors-" + tokenize(self._model.key, x.name, y.name)
+        layer = {
+            (name, i, 0): (
+                _factors_task,
+                self._model.key,
+                self.converter,
+                self.dtype,
+                _block_key(x, i),
+                _block_key(y, i),
+            )
+            for i in range(len(x.chunks[0]))
+        }
+        return name, layer
+
+    def _product_array(
+        self,
+        factor_name: str,
+        factor_layer: dict | None,
+        factor_dependencies: list,
+        test_chunks: tuple,
+        x: da.Array,
+        y: da.Array,
+        mode: InfluenceMode,
+    ) -> da.Array:
+        token = tokenize(self._model.key, factor_name, x.name, y.name, mode.value)
+        rep_name = f"influence-train-representation-{token}"
+        out_name = f"influences-{mode.value}-{token}"
+        feature_zeros = (0,) * (x.ndim - 1) if mode is InfluenceMode.Perturbation else ()
+        n_train_blocks = len(x.chunks[0])
+        rep_layer = {
+            (rep_name, j): (
+                _representation_task,
+                self._model.key,
+                self.converter,
+                mode.value,
+                _block_key(x, j),
+                _block_key(y, j),
+            )
+            for j in range(n_train_blocks)
+        }
+        out_layer = {
+            (out_name, i, j, *feature_zeros): (
+                _product_task,
+                self._model.key,
+                self.converter,
+                mode.value,
+                self.dtype,
+                (factor_name, i, 0),
+                (rep_name, j),
+            )
+            for i in range(len(test_chunks))
+            for j in range(n_train_blocks)
+        }
+        layers = {**(factor_layer or {}), **rep_layer, **out_layer}
+        graph = HighLevelGraph.from_collections(
+            out_name, layers, dependencies=[self._model, x, y, *factor_dependencies]
+        )
+        chunks = (test_chunks, x.chunks[0])
+        if mode is InfluenceMode.Perturbation:
+            chunks = chunks + tuple((d,) for d in x.shape[1:])
+        return da.Array(graph, out_name, chunks, meta=np.empty((0,) * len(chunks), dtype=self.dtype))
+
+    # ------------------------------------------------------------ queries
+    def influence_factors(self, x: da.Array, y: da.Array) -> da.Array:
+        """The factors (H + λI)⁻¹ ∇ℓ(x_i, y_i), lazily: shape (n, n_parameters), one
+        task per row chunk of x.
+
+        Raises:
+            TypeError, ValueError, InvalidDimensionChunksError, UnalignedChunksError: bad input.
+        """
+        self._check_client_open()
+        self._check_pair(x, y, "influence_factors")
+        name, layer = self._factor_tasks(x, y)
+        graph = HighLevelGraph.from_collections(name, layer, dependencies=[self._model, x, y])
+        n_parameters = int(self.model.n_parameters)
+        return da.Array(graph, name, (x.chunks[0], (n_parameters,)), meta=np.empty((0, 0), dtype=self.dtype))
+
+    def influences_from_factors(
+        self,
+        z_test_factors: da.Array,
+        x: da.Array,
+        y: da.Array,
+        mode: InfluenceMode | str = InfluenceMode.Up,
+    ) -> da.Array:
+        """Influences of the training points (x, y) on the test points whose factors
+        (from ``influence_factors``) are given, lazily.
+
+        Shape (n_test, n_train) in up mode, (n_test, n_train, *feature_shape) in
+        perturbation mode; chunks (factor row chunks, x row chunks[, full features]).
+        The training side is computed once per chunk of x and reused for every
+        factor chunk.
+
+        Raises:
+            TypeError, ValueError, InvalidDimensionChunksError, UnalignedChunksError,
+            UnsupportedInfluenceModeError: bad input.
+        """
+        self._check_client_open()
+        mode = self._parse_mode(mode, "influences_from_factors")
+        self._check_array(z_test_factors, "z_test_factors", "influences_from_factors")
+        n_parameters = int(self.model.n_parameters)
+        if z_test_factors.ndim != 2 or z_test_factors.shape[1] != n_parameters:
+            raise ValueError(
+                "DaskInfluenceCalculator.influences_from_factors(): z_test_factors must have shape "
+                f"(n_test, {n_parameters}); got {z_test_factors.shape}."
+            )
+        self._check_pair(x, y, "influences_from_factors")
+        factors = z_test_factors
+        if factors.dtype != self.dtype:
+            factors = factors.astype(self.dtype)
+        return self._product_array(factors.name, None, [factors], factors.chunks[0], x, y, mode)
+
+    def influences(
+        self,
+        x_test: da.Array,
+        y_test: da.Array,
+        x: da.Array | None = None,
+        y: da.Array | None = None,
+        mode: InfluenceMode | str = InfluenceMode.Up,
+    ) -> da.Array:
+        """Influences of training points (x, y) on test points (x_test, y_test), lazily.
+
+        ``∇ℓ(z_test)ᵀ (H + λI)⁻¹ ∇ℓ(z_train)``: positive means up-weighting the
+        training point lowers the test loss. Shape (n_test, n_train) in up mode,
+        (n_test, n_train, *feature_shape) in perturbation mode; chunks follow the row
+        chunks of x_test and x. With x and y both None the test set is taken against
+        itself. Factors are computed once per test chunk, the training side once per
+        training chunk, then one product per (test chunk, training chunk) pair.
+
+        Raises:
+            ValueError: only one of x, y given; lengths or feature shapes that differ;
+                a closed client.
+            InvalidDimensionChunksError, UnalignedChunksError, UnsupportedInfluenceModeError.
+        """
+        self._check_client_open()
+        mode = self._parse_mode(mode, "influences")
+        self._check_pair(x_test, y_test, "influences", "x_test", "y_test")
+        if (x is None) != (y is None):
+            given = "x" if x is not None else "y"
+            raise ValueError(
+                f"DaskInfluenceCalculator.influences(): only {given} was given; give both x and y, "
+                "or neither to take the test set against itself."
+            )
+        if x is None:
+            x, y = x_test, y_test
+        else:
+            self._check_pair(x, y, "influences")
+            if x.shape[1:] != x_test.shape[1:]:
+                raise ValueError(
+                    f"DaskInfluenceCalculator.influences(): x_test has feature shape {x_test.shape[1:]} "
+                    f"but x has feature shape {x.shape[1:]}; they must be the same."
+                )
+        factor_name, factor_layer = self._factor_tasks(x_test, y_test)
+        return self._product_array(factor_name, factor_layer, [x_test, y_test], x_test.chunks[0], x, y, mode)
+
+    def self_influences(
+        self, x: da.Array, y: da.Array, mode: InfluenceMode | str = InfluenceMode.Up
+    ) -> da.Array:
+        """The diagonal of ``influences(x, y)``, lazily, one task per row chunk: shape (n,)
+        in up mode, (n, *feature_shape) in perturbation mode.
+
+        Raises:
+            TypeError, ValueError, InvalidDimensionChunksError, UnalignedChunksError,
+            UnsupportedInfluenceModeError: bad input.
+        """
+        self._check_client_open()
+        mode = self._parse_mode(mode, "self_influences")
+        self._check_pair(x, y, "self_influences")
+        name = f"self-influences-{mode.value}-" + tokenize(self._model.key, x.name, y.name)
+        feature_zeros = (0,) * (x.ndim - 1) if mode is InfluenceMode.Perturbation else ()
+        layer = {
+            (name, i, *feature_zeros): (
+                _self_influences_task,
+                self._model.key,
+                self.converter,
+                mode.value,
+                self.dtype,
+                _block_key(x, i),
+                _block_key(y, i),
+            )
+            for i in range(len(x.chunks[0]))
+        }
+        graph = HighLevelGraph.from_collections(name, layer, dependencies=[self._model, x, y])
+        chunks = (x.chunks[0],)
+        if mode is InfluenceMode.Perturbation:
+            chunks = chunks + tuple((d,) for d in x.shape[1:])
+        return da.Array(graph, name, chunks, meta=np.empty((0,) * len(chunks), dtype=self.dtype))
+
+    def __repr__(self) -> str:
+        client = (
+            "DisableClientSingleThreadCheck" if self.client is DisableClientSingleThreadCheck else self.client
+        )
+        return f"DaskInfluenceCalculator({type(self.model).__name__}, {self.converter!r}, client={client!r})"
+
+
+class _UnfittedModelError(NotFittedError):
+    def __init__(self, cls: type):
+        ValueError.__init__(
+            self,
+            f"DaskInfluenceCalculator needs a fitted influence_function_model; this {cls.__name__} "
+            f"is not fitted: call {cls.__name__}.fit(train_dataloader) first.",
+        )

@@ -1,0 +1,109 @@
+"""Lazy dask arrays over a torch ``Dataset``: chunks are read on the workers, when computed."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import torch
+from dask.highlevelgraph import HighLevelGraph
+
+__all__ = ["torch_dataset_to_dask_array"]
+
+
+def _components(sample: Any) -> tuple[torch.Tensor, ...]:
+    """A dataset sample as a tuple of tensors: (x, y, ...) or a lone tensor."""
+    parts = tuple(sample) if isinstance(sample, (tuple, list)) else (sample,)
+    return tuple(torch.as_tensor(p).detach() for p in parts)
+
+
+def _read_rows(dataset: Any, start: int, stop: int, dtypes: tuple[np.dtype, ...]) -> tuple[np.ndarray, ...]:
+    """Rows start..stop-1 of the dataset, one stacked numpy array per component of a sample."""
+    samples = [_components(dataset[i]) for i in range(start, stop)]
+    out = []
+    for k, dtype in enumerate(dtypes):
+        stacked = torch.stack([s[k] for s in samples]).cpu().numpy()
+        out.append(stacked.astype(dtype, copy=False))
+    return tuple(out)
+
+
+def _pick(parts: tuple, k: int) -> np.ndarray:
+    return parts[k]
+
+
+def torch_dataset_to_dask_array(
+    dataset: Any,
+    chunk_size: int,
+    total_size: int | None = None,
+    resulting_dtype: Any = np.float32,
+) -> tuple[da.Array, ...]:
+    """One lazy dask array per tensor of a dataset's samples, chunked along rows.
+
+    Nothing is read when the arrays are made, except sample 0 (for shapes and
+    dtypes). Each chunk of ``chunk_size`` rows is one task that indexes the dataset
+    on the worker that computes it; the dataset itself is one key of the graph, so
+    it is shipped to each worker once (for a dataset that reads from storage, that
+    is just its handle). A sample ``(x, y)`` gives ``(da_x, da_y)``.
+
+    Args:
+        dataset: anything with ``dataset[i]`` → a tensor or a tuple of tensors (or
+            numbers); a ``torch.utils.data.Dataset``.
+        chunk_size: rows per chunk (the last chunk may be shorter).
+        total_size: use only the first ``total_size`` rows; required when the
+            dataset has no ``len()``.
+        resulting_dtype: dtype of the floating-point tensors; integer and boolean
+            tensors (e.g. class labels) keep their own dtype.
+
+    Returns:
+        A tuple of ``dask.array.Array``, one per component of a sample, of shape
+        (n, *component_shape).
+
+    Raises:
+        ValueError: chunk_size < 1, total_size < 1 or beyond the dataset's length.
+        TypeError: the dataset has no ``len()`` and total_size is None.
+    """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}.")
+    try:
+        length = len(dataset)
+    except TypeError:
+        length = None
+    if total_size is None:
+        if length is None:
+            raise TypeError(
+                f"dataset ({type(dataset).__name__}) has no len(); pass total_size=<number of rows>."
+            )
+        total_size = length
+    if total_size < 1 or (length is not None and total_size > length):
+        raise ValueError(
+            f"total_size must be between 1 and the dataset's length ({length}); got {total_size}."
+        )
+    first = _components(dataset[0])
+    dtypes = tuple(
+        np.dtype(resulting_dtype) if t.is_floating_point() else t.cpu().numpy().dtype for t in first
+    )
+    token = uuid.uuid4().hex
+    data = dask.delayed(dataset, name=f"torch-dataset-{token}", pure=True, traverse=False)
+    read_name = f"torch-dataset-read-{token}"
+    starts = list(range(0, total_size, chunk_size))
+    row_chunks = tuple(min(chunk_size, total_size - s) for s in starts)
+    read_layer = {
+        (read_name, b): (_read_rows, data.key, s, s + n, dtypes)
+        for b, (s, n) in enumerate(zip(starts, row_chunks))
+    }
+    read_graph = HighLevelGraph.from_collections(read_name, read_layer, dependencies=[data])
+    arrays = []
+    for k, (tensor, dtype) in enumerate(zip(first, dtypes)):
+        name = f"torch-dataset-component{k}-{token}"
+        zeros = (0,) * tensor.ndim
+        layer = {(name, b, *zeros): (_pick, (read_name, b), k) for b in range(len(starts))}
+        graph = HighLevelGraph(
+            {**read_graph.layers, name: layer},
+            {**read_graph.dependencies, name: {read_name}},
+        )
+        chunks = (row_chunks,) + tuple((d,) for d in tensor.shape)
+        arrays.append(da.Array(graph, name, chunks, meta=np.empty((0,) * (tensor.ndim + 1), dtype=dtype)))
+    return tuple(arrays)
