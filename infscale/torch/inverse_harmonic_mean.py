@@ -1,0 +1,147 @@
+"""InverseHarmonicMeanInfluence: the DataInf approximation of the inverse curvature."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .base import TorchInfluenceFunctionModel
+from .functional import BlockMode, LossFunction, SecondOrderMode, _Block, split_batch
+
+__all__ = ["InverseHarmonicMeanInfluence"]
+
+#: stored training gradients may take this many bytes by default (1 GiB)
+DEFAULT_STORED_GRADIENT_BYTES = 2**30
+#: rows of stored gradients used at once in a solve
+_ROWS_PER_STEP = 16_384
+
+
+class InverseHarmonicMeanInfluence(TorchInfluenceFunctionModel):
+    """Influences with the inverse harmonic mean (DataInf, Kwon et al. 2024) of the per-sample
+    outer products in place of (H + λI)⁻¹.
+
+    Per block, with gᵢ the gradient of training sample i restricted to the block::
+
+        (H + λI)⁻¹ ≈ (1/n) Σᵢ (gᵢgᵢᵀ + λI)⁻¹,
+        (gᵢgᵢᵀ + λI)⁻¹ v = (v − gᵢ (gᵢᵀv) / (λ + gᵢᵀgᵢ)) / λ   (Sherman–Morrison),
+
+    every training sample weighted 1/n whatever the batch sizes. This swaps the
+    inverse and the mean of the empirical Fisher (1/n) Σᵢ gᵢgᵢᵀ: it is exact for
+    n = 1 and close when λ is large next to the Fisher's eigenvalues, but far from
+    (F + λI)⁻¹ when λ is small (each term only damps its own gᵢ). The error grows
+    with the block dimension, so ``BlockMode.LAYER_WISE`` (as in DataInf) is usually
+    better than ``FULL``. There is no second-order mode: only gradients are used.
+
+    Every query needs all training gradients: they are computed once at ``fit`` and
+    kept if n · p numbers fit in ``max_stored_gradient_bytes``; otherwise they are
+    recomputed from the fit loader at every query (one pass of per-sample gradients
+    per query, for all test points at once), which keeps memory at one batch.
+
+    Args:
+        model, loss, block_structure, gradient_chunk_size: see ``TorchInfluenceFunctionModel``.
+        hessian_regularization: λ > 0, a float or a dict block name → float (required
+            in every block).
+        max_stored_gradient_bytes: keep the training gradients in memory up to this size.
+
+    Raises:
+        ValueError: λ ≤ 0 in some block, max_stored_gradient_bytes < 0.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: LossFunction,
+        hessian_regularization: float | Mapping[str, float],
+        block_structure: BlockMode | str | Mapping[str, Iterable[str]] = BlockMode.FULL,
+        gradient_chunk_size: int | None = None,
+        max_stored_gradient_bytes: int = DEFAULT_STORED_GRADIENT_BYTES,
+    ):
+        super().__init__(
+            model, loss, hessian_regularization, block_structure, SecondOrderMode.HESSIAN, gradient_chunk_size
+        )
+        self._check_positive(self.regularization)
+        if max_stored_gradient_bytes < 0:
+            raise ValueError(f"max_stored_gradient_bytes must be ≥ 0; got {max_stored_gradient_bytes}.")
+        self.max_stored_gradient_bytes = max_stored_gradient_bytes
+        self._data: Iterable | None = None
+        self._stored: Tensor | None = None
+
+    @staticmethod
+    def _check_positive(regularization: Mapping[str, float]) -> None:
+        bad = {k: v for k, v in regularization.items() if not v > 0}
+        if bad:
+            raise ValueError(
+                "InverseHarmonicMeanInfluence needs hessian_regularization > 0 in every block "
+                f"((gᵢgᵢᵀ + λI) is singular for λ = 0); got {bad}."
+            )
+
+    def hyperparameters(self):
+        params = super().hyperparameters()
+        params.pop("second_order_mode", None)
+        return params
+
+    @property
+    def stores_gradients(self) -> bool:
+        """Whether the training gradients are kept in memory (else recomputed per query)."""
+        return self._stored is not None
+
+    def _fit(self, data: Iterable) -> None:
+        self._data = data
+        self._stored = None
+        budget = self.max_stored_gradient_bytes
+        row_bytes = self.n_parameters * torch.finfo(self.dtype).bits // 8
+        parts: list[Tensor] | None = []
+        n = 0
+        for batch in data:
+            x, y = self._to_device(*split_batch(batch, "each batch of data"))
+            n += x.shape[0]
+            if parts is not None and n * row_bytes <= budget:
+                parts.append(self._gradients(x, y))
+            else:
+                parts = None  # over budget: recompute at every query
+        if n == 0:
+            raise ValueError("InverseHarmonicMeanInfluence.fit(): the training data yielded no samples.")
+        self.n_train = n
+        if parts is not None:
+            self._stored = torch.cat(parts)
+
+    def _training_gradients(self) -> Iterator[Tensor]:
+        if self._stored is not None:
+            for s in range(0, self._stored.shape[0], _ROWS_PER_STEP):
+                yield self._stored[s : s + _ROWS_PER_STEP]
+            return
+        for batch in self._data:
+            x, y = self._to_device(*split_batch(batch, "each batch of data"))
+            if x.shape[0]:
+                yield self._gradients(x, y)
+
+    def _solve(self, gradients: Tensor) -> Tensor:
+        return self._solve_blocks(self.layout.blocks, gradients)
+
+    def _solve_block(self, block: _Block, rhs: Tensor) -> Tensor:
+        padded = rhs.new_zeros((rhs.shape[0], self.n_parameters))
+        padded[:, block.slice] = rhs
+        return self._solve_blocks((block,), padded)[:, block.slice]
+
+    def _solve_blocks(self, blocks, rhs: Tensor) -> Tensor:
+        """Σᵢ Sherman–Morrison over the training gradients, one pass for the given blocks."""
+        correction = torch.zeros_like(rhs)
+        if rhs.shape[0]:
+            for G in self._training_gradients():
+                for b in blocks:
+                    Gb = G[:, b.slice]
+                    weights = 1.0 / (self.regularization[b.name] + (Gb * Gb).sum(dim=1))  # (m,)
+                    correction[:, b.slice] += ((rhs[:, b.slice] @ Gb.T) * weights) @ Gb
+        out = torch.zeros_like(rhs)
+        for b in blocks:
+            lam = self.regularization[b.name]
+            out[:, b.slice] = (rhs[:, b.slice] - correction[:, b.slice] / self.n_train) / lam
+        return out
+
+    def with_regularization(self, hessian_regularization) -> InverseHarmonicMeanInfluence:
+        """A copy with another λ > 0, reusing the stored gradients (none are stored anew)."""
+        new = self._copy_with_regularization(hessian_regularization)
+        self._check_positive(new.regularization)
+        return new
