@@ -1,16 +1,25 @@
 """PyTorch influence methods. See ``infscale.base`` for the sign convention."""
 
+from .arnoldi import ArnoldiInfluence
 from .base import TorchInfluenceFunctionModel
 from .cg import CgInfluence
 from .direct import DirectInfluence, NotPositiveDefiniteError
 from .ekfac import EkfacInfluence, EkfacLoss, FisherType
 from .functional import BlockMode, SecondOrderMode
+from .inverse_harmonic_mean import InverseHarmonicMeanInfluence
+from .lissa import LissaDivergenceError, LissaInfluence
+from .nystroem import NystroemSketchInfluence
 from .preconditioner import JacobiPreconditioner, NystroemPreconditioner
 
 __all__ = [
     "TorchInfluenceFunctionModel",
     "DirectInfluence",
     "CgInfluence",
+    "LissaInfluence",
+    "LissaDivergenceError",
+    "ArnoldiInfluence",
+    "NystroemSketchInfluence",
+    "InverseHarmonicMeanInfluence",
     "NotPositiveDefiniteError",
     "BlockMode",
     "SecondOrderMode",
