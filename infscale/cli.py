@@ -949,12 +949,20 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(line)
     print("attributes:")
     for key, value in dict(array.attrs).items():
-        print(f"  {key}: {json.dumps(value, default=str)}")
+        print(f"  {key}: {_short(value)}")
     if group is not None and group.attrs:
         print("run configuration:")
         for key, value in dict(group.attrs).items():
-            print(f"  {key}: {json.dumps(value, default=str)}")
+            print(f"  {key}: {_short(value)}")
     return 0
+
+
+def _short(value: Any, limit: int = 12) -> str:
+    """JSON of an attribute, with long lists cut to their first items and their length."""
+    if isinstance(value, list) and len(value) > limit:
+        head = json.dumps(value[:limit], default=str)[:-1]
+        return f"{head}, ... ({len(value)} values)]"
+    return json.dumps(value, default=str, ensure_ascii=False)
 
 
 def _log(message: str) -> None:

@@ -339,6 +339,10 @@ def _run_demo(out, method, params, workers, size, progress, seed, log) -> DemoRe
     )  # fmt: skip
 
 
+def _fmt(value: float) -> str:
+    return f"{value:+.0f}" if abs(value) >= 10 else f"{value:+.2g}"
+
+
 def draw_report(
     path: str,
     data: DemoData,
@@ -398,7 +402,7 @@ def draw_report(
             image(
                 ax,
                 x_train[j],
-                f"#{j} {row[j]:+.2g}\n{note}",
+                f"#{j} {_fmt(row[j])}\n{note}",
                 red if flipped else "black",
                 red if flipped else None,
             )
