@@ -383,6 +383,7 @@ class _GeneratorChunkSource(ChunkSource):
             for chunk in self._factory():
                 sizes.append(int(chunk.shape[0]))
                 self.feature_shape = tuple(chunk.shape[1:])
+                self.dtype = _as_numpy(chunk[:0]).dtype
             self._sizes = sizes
         return self._sizes
 
@@ -409,6 +410,7 @@ class _GeneratorBlockSource(BlockSource):
                         cols.append(int(block.shape[1]))
                     height = int(block.shape[0])
                     self.feature_shape = tuple(block.shape[2:])
+                    self.dtype = _as_numpy(block[:0]).dtype
                 rows.append(height)
             self._sizes = (rows, cols)
         return self._sizes
