@@ -1,0 +1,284 @@
+"""One benchmark measurement in a fresh process: ``python child.py SPEC.json``.
+
+Runs under either venv: infscale's (.venv) or the pyDVL yardstick's (.bench-venv); it imports
+only the library named in the spec, torch and numpy. It loads the model (architecture spec +
+state_dict) and data (tensors) that the parent saved, so that both libraries see the same numbers,
+fits the method, computes the influences (in memory, sequentially to zarr, or on Dask), and writes
+
+- ``<out>.json``: fit / query / total seconds (best of ``repeats``), peak RSS of this process and of
+  its children (Dask workers) in MiB, the RSS after loading (baseline), and an error if one occurred;
+- ``<out>.npy``: the influences (or their first rows when the matrix is large), for agreement checks.
+
+Library "floor" is plain torch: every needed per-sample gradient once, plus the final product.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+MIB = 1024.0  # ru_maxrss is in KiB on Linux
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mib(who=resource.RUSAGE_SELF) -> float:
+    return resource.getrusage(who).ru_maxrss / MIB
+
+
+# ---------------------------------------------------------------------------- library adapters
+def _filtered(cls, kwargs: dict) -> tuple[dict, list]:
+    """Keep only the keyword arguments ``cls`` accepts (a method's optional settings differ)."""
+    params = inspect.signature(cls).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return kwargs, []
+    kept = {k: v for k, v in kwargs.items() if k in params}
+    return kept, sorted(set(kwargs) - set(kept))
+
+
+CLASS_NAMES = {
+    "direct": "DirectInfluence",
+    "cg": "CgInfluence",
+    "lissa": "LissaInfluence",
+    "arnoldi": "ArnoldiInfluence",
+    "nystroem": "NystroemSketchInfluence",
+    "ihm": "InverseHarmonicMeanInfluence",
+    "ekfac": "EkfacInfluence",
+}
+
+
+def make_method(lib: str, method: str, model, loss, params: dict):
+    """The influence model of ``lib`` for ``method`` with the shared settings ``params``."""
+    params = dict(params)
+    reg = params.pop("regularization")
+    if lib == "infscale":
+        import infscale.torch as mod
+
+        cls = getattr(mod, CLASS_NAMES[method], None)
+        if cls is None:
+            raise ModuleNotFoundError(f"infscale.torch.{CLASS_NAMES[method]} not available")
+        kwargs = {"hessian_regularization": reg, **params}
+        if method == "ekfac":
+            kwargs.setdefault("update_diagonal", True)
+    else:
+        import pydvl.influence.torch as mod
+
+        cls = getattr(mod, CLASS_NAMES[method])
+        if method == "ekfac":  # pyDVL's EK-FAC takes no loss (cross-entropy) and the old keyword
+            kwargs = {"hessian_regularization": reg, "update_diagonal": True}
+            kept, _ = _filtered(cls, kwargs)
+            return cls(model, **kept), []
+        kwargs = {"regularization": reg, **params}
+        if method == "cg":
+            kwargs.setdefault("solve_simultaneously", True)  # pyDVL's fastest CG: block CG
+            kwargs.setdefault("warn_on_max_iteration", False)
+        if method == "lissa":
+            kwargs.setdefault("warn_on_max_iteration", False)
+    kept, dropped = _filtered(cls, kwargs)
+    try:
+        return cls(model, loss, **kept), dropped
+    except TypeError:
+        if lib == "infscale" and method == "ekfac":  # an EK-FAC that takes no loss
+            return cls(model, **kept), dropped
+        raise
+
+
+def calculators(lib: str):
+    """(SequentialInfluenceCalculator, DaskInfluenceCalculator, util module) of ``lib``."""
+    import importlib
+
+    if lib == "pydvl":
+        import pydvl.influence as base
+        import pydvl.influence.torch.util as util
+
+        return base.SequentialInfluenceCalculator, base.DaskInfluenceCalculator, util
+    found = {}
+    for module_name in ("infscale", "infscale.calculator", "infscale.parallel"):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        for name in ("SequentialInfluenceCalculator", "DaskInfluenceCalculator"):
+            if name not in found and hasattr(module, name):
+                found[name] = getattr(module, name)
+    import infscale.torch.util as util
+
+    return found.get("SequentialInfluenceCalculator"), found.get("DaskInfluenceCalculator"), util
+
+
+# ---------------------------------------------------------------------------- the floor
+def floor_influences(model, loss, x_test, y_test, x_train, y_train, chunk: int):
+    """Plain torch: per-sample gradients of every test and training point once, then G_test G_trainᵀ."""
+    import torch
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def sample_loss(p, x, y):
+        return loss(functional_call(model, p, (x.unsqueeze(0),)), y.unsqueeze(0))
+
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+
+    def grads(x, y):
+        g = per_sample(params, x, y)
+        return torch.cat([g[k].reshape(x.shape[0], -1) for k in params], dim=1)
+
+    g_test = torch.cat(
+        [grads(x_test[s : s + chunk], y_test[s : s + chunk]) for s in range(0, len(x_test), chunk)]
+    )
+    out = torch.empty(len(x_test), len(x_train), dtype=g_test.dtype)
+    for s in range(0, len(x_train), chunk):
+        out[:, s : s + chunk] = g_test @ grads(x_train[s : s + chunk], y_train[s : s + chunk]).T
+    return out
+
+
+# ---------------------------------------------------------------------------- one run
+def run(spec: dict) -> dict:
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(spec.get("threads", 2))
+    import workloads
+
+    work = Path(spec["workdir"])
+    arch = json.loads((work / "arch.json").read_text())
+    dtype = getattr(torch, arch["dtype"])
+    model = workloads.build_model(arch["layers"], dtype)
+    model.load_state_dict(torch.load(work / "model.pt", weights_only=True))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    loss = workloads.LOSSES[arch["loss"]]
+    data = torch.load(work / spec.get("data", "data.pt"), weights_only=True)
+    x_tr, y_tr, x_te, y_te = data["x_train"], data["y_train"], data["x_test"], data["y_test"]
+    x_fit, y_fit = data.get("x_fit", x_tr), data.get("y_fit", y_tr)
+    lib, method = spec["lib"], spec["method"]
+    bs = spec.get("batch_size", len(x_tr))
+    from torch.utils.data import DataLoader, TensorDataset
+
+    fit_loader = DataLoader(TensorDataset(x_fit, y_fit), batch_size=spec.get("fit_batch_size", len(x_fit)))
+    if lib != "floor":  # import the library before the baseline is taken
+        if lib == "infscale":
+            import infscale.torch  # noqa: F401
+        else:
+            import pydvl.influence.torch  # noqa: F401
+    base_rss = rss_mib()
+    result = {"base_rss_mib": base_rss, "dropped_settings": []}
+    best = {"fit_s": float("inf"), "query_s": float("inf"), "total_s": float("inf")}
+    out = None
+    for _ in range(spec.get("repeats", 1)):
+        t0 = time.perf_counter()
+        if lib == "floor":
+            t1 = time.perf_counter()
+            out = floor_influences(model, loss, x_te, y_te, x_tr, y_tr, spec.get("chunk", 512))
+        else:
+            infl, dropped = make_method(lib, method, model, loss, spec.get("params", {}))
+            result["dropped_settings"] = dropped
+            infl = infl.fit(fit_loader)
+            t1 = time.perf_counter()
+            out = query(spec, lib, infl, x_tr, y_tr, x_te, y_te, bs)
+        t2 = time.perf_counter()
+        for key, value in (("fit_s", t1 - t0), ("query_s", t2 - t1), ("total_s", t2 - t0)):
+            best[key] = min(best[key], value)
+    result.update(best)
+    if out is not None:
+        arr = out.detach().cpu().numpy() if hasattr(out, "detach") else np.asarray(out)
+        keep_rows = spec.get("keep_rows")
+        np.save(spec["out"] + ".npy", arr[:keep_rows] if keep_rows else arr)
+        result["shape"] = list(np.shape(out))
+    result["peak_rss_mib"] = peak_rss_mib()
+    result["children_peak_rss_mib"] = peak_rss_mib(resource.RUSAGE_CHILDREN)
+    return result
+
+
+def query(spec, lib, infl, x_tr, y_tr, x_te, y_te, bs):
+    """Influences as the spec's task says; returns what is compared (a tensor or array)."""
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    task = spec.get("task", "memory")
+    if task == "memory":
+        return infl.influences(x_te, y_te, x_tr, y_tr)
+    if task == "self":
+        if hasattr(infl, "self_influences"):
+            return infl.self_influences(x_tr, y_tr)
+        return torch.diagonal(infl.influences(x_tr, y_tr, x_tr, y_tr))
+    seq_cls, dask_cls, util = calculators(lib)
+    zarr_path = str(Path(spec["scratch"]) / f"{Path(spec['out']).name}.zarr")
+    import zarr
+
+    test_bs = spec.get("test_batch_size", bs)
+    if task == "sequential":
+        if seq_cls is None:
+            raise ModuleNotFoundError("SequentialInfluenceCalculator not available")
+        calc = seq_cls(infl)
+        lazy = calc.influences(
+            DataLoader(TensorDataset(x_te, y_te), batch_size=test_bs),
+            DataLoader(TensorDataset(x_tr, y_tr), batch_size=bs),
+        )
+        if spec.get("to_memory"):
+            return lazy.compute(aggregator=util.NestedTorchCatAggregator())
+        lazy.to_zarr(zarr_path, util.TorchNumpyConverter())
+    elif task == "dask":
+        if dask_cls is None:
+            raise ModuleNotFoundError("DaskInfluenceCalculator not available")
+        from distributed import Client, LocalCluster
+
+        n_workers = spec.get("n_workers", 2)
+        cluster = LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            memory_limit=0,
+            env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+        )
+        client = Client(cluster)
+        try:
+            da_x, da_y = util.torch_dataset_to_dask_array(TensorDataset(x_tr, y_tr), chunk_size=bs)
+            da_xt, da_yt = util.torch_dataset_to_dask_array(TensorDataset(x_te, y_te), chunk_size=test_bs)
+            converter = util.TorchNumpyConverter(device=torch.device("cpu"))
+            calc = dask_cls(infl, converter=converter, client=client)
+            t = time.perf_counter()
+            calc.influences(da_xt, da_yt, da_x, da_y).to_zarr(zarr_path)
+            spec["_compute_s"] = time.perf_counter() - t
+        finally:
+            client.close()
+            cluster.close()
+    else:
+        raise ValueError(f"unknown task {task!r}")
+    stored = zarr.open(zarr_path, mode="r")
+    rows = spec.get("keep_rows") or stored.shape[0]
+    return np.asarray(stored[:rows])
+
+
+def main() -> int:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    spec.setdefault("scratch", tempfile.mkdtemp(prefix="bench-", dir=spec["workdir"]))
+    try:
+        result = run(spec)
+        if "_compute_s" in spec:
+            result["compute_s"] = spec["_compute_s"]
+    except ModuleNotFoundError as error:
+        result = {"error": f"not available: {error}", "unavailable": True}
+    except Exception as error:  # reported in the page, the suite goes on
+        result = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+        result["peak_rss_mib"] = peak_rss_mib()
+    Path(spec["out"] + ".json").write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
