@@ -33,7 +33,9 @@ from __future__ import annotations
 import itertools
 import os
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -578,18 +580,39 @@ def _write_blocks(
         return ".".join(map(str, index)) not in done
 
     n_todo = n_blocks - len(done)
-    with tqdm(total=n_todo, unit="block", desc=description, disable=not progress) as bar:
-        for index, region, block in blocks(todo if done else None):
-            data = np.asarray(converter.to_numpy(block))
-            expected = tuple(s.stop - s.start for s in region) + tuple(layout.shape[len(region) :])
-            if data.shape != expected:
-                raise ValueError(
-                    f"to_zarr: block {index} has shape {data.shape}, expected {expected} "
-                    "(does a loader yield different batches on different passes?)."
-                )
-            array[region] = data.astype(layout.dtype, copy=False)
-            _mark_complete(store, ".".join(map(str, index)))  # only after the data is stored
-            bar.update(1)
+
+    def store_block(region, data, key):
+        array[region] = data
+        _mark_complete(store, key)  # only after the data is stored
+
+    # One writer thread overlaps storing a block with computing the next one; at most
+    # two converted blocks wait for it, so memory stays at a few blocks.
+    pending: deque = deque()
+    with (
+        tqdm(total=n_todo, unit="block", desc=description, disable=not progress) as bar,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="infscale-zarr") as writer,
+    ):
+        try:
+            for index, region, block in blocks(todo if done else None):
+                data = np.asarray(converter.to_numpy(block))
+                expected = tuple(s.stop - s.start for s in region) + tuple(layout.shape[len(region) :])
+                if data.shape != expected:
+                    raise ValueError(
+                        f"to_zarr: block {index} has shape {data.shape}, expected {expected} "
+                        "(does a loader yield different batches on different passes?)."
+                    )
+                data = data.astype(layout.dtype, copy=False)
+                pending.append(writer.submit(store_block, region, data, ".".join(map(str, index))))
+                del data, block
+                while len(pending) > 2 or (pending and pending[0].done()):
+                    pending.popleft().result()
+                    bar.update(1)
+            while pending:
+                pending.popleft().result()
+                bar.update(1)
+        finally:
+            for future in pending:
+                future.cancel()
     return array if return_stored else None
 
 
