@@ -561,6 +561,11 @@ def _write_blocks(
             "resume=True to finish an interrupted run. Nothing was written."
         )
     else:
+        if not empty and not _sync(store.exists("zarr.json")):
+            raise StoreExistsError(
+                f"to_zarr: {where!r} holds data that is not a zarr store; overwrite=True only replaces "
+                "zarr stores. Choose another path. Nothing was written."
+            )
         try:
             if not empty:
                 _sync(store.delete_dir(""))

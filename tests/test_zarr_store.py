@@ -119,6 +119,16 @@ def test_existing_store_is_refused_and_left_untouched(tmp_path):
     assert model.calls["blocks"] == N_BLOCKS
 
 
+def test_overwrite_never_deletes_a_directory_that_is_not_a_zarr_store(tmp_path):
+    folder = tmp_path / "my_documents"
+    folder.mkdir()
+    (folder / "thesis.txt").write_text("precious")
+    with pytest.raises(StoreExistsError, match="not a zarr store"):
+        counted_to_zarr(folder, overwrite=True)
+    assert (folder / "thesis.txt").read_text() == "precious"
+    assert sorted(p.name for p in folder.iterdir()) == ["thesis.txt"]
+
+
 def test_resume_computes_only_unmarked_blocks(tmp_path):
     path = tmp_path / "r.zarr"
     _, stored, expected = counted_to_zarr(path)
