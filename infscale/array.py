@@ -824,7 +824,7 @@ class NestedLazyChunkSequence:
                 fsspec) URL.
             converter: turns a block into a numpy array (``TorchNumpyConverter()``).
             return_stored: return the zarr array (else None).
-            overwrite: replace whatever is at the path.
+            overwrite: replace the zarr store at the path (other data is never deleted).
             resume: finish an interrupted run (a missing store is simply created).
             progress: show a tqdm bar over the blocks (rate, ETA).
             storage_options: fsspec options for URLs (credentials, ``endpoint_url``).
