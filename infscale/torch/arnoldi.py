@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..base import InfluenceMode
 from .base import TorchInfluenceFunctionModel
 from .direct import NotPositiveDefiniteError
 from .functional import BlockMode, LossFunction, SecondOrderMode, _Block, default_chunk_size
@@ -280,6 +281,12 @@ class ArnoldiInfluence(TorchInfluenceFunctionModel):
         if not parts:
             return x.new_zeros((0, sum(v.shape[1] for v in self.eigenvectors.values())), dtype=self.dtype)
         return torch.cat(parts)
+
+    def _influences(self, x_test, y_test, x, y, mode, symmetric) -> Tensor:
+        if symmetric and mode is InfluenceMode.Up:  # project the test gradients once, reuse them
+            gradients = self._gradients(x_test, y_test)
+            return self._from_gradients(self._solve(gradients), self._project(gradients))
+        return super()._influences(x_test, y_test, x, y, mode, symmetric)
 
     def _from_gradients(self, factors: Tensor, train_gradients: Tensor) -> Tensor:
         # factors lie in the span of the eigenvectors, so factors · g = (factors V)(Vᵀ g)
