@@ -470,7 +470,9 @@ def completed_blocks(store) -> set[str]:
     async def collect():
         return [k async for k in store.list_prefix(COMPLETE_PREFIX)]
 
-    return {k[len(COMPLETE_PREFIX) :] for k in _sync(collect())}
+    keys = (k[len(COMPLETE_PREFIX) :] for k in _sync(collect()))
+    # a write cut short may leave a temporary file beside the markers: only "i" or "i.j" count
+    return {k for k in keys if all(part.isdigit() for part in k.split("."))}
 
 
 def _mark_complete(store, key: str) -> None:
