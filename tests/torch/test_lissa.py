@@ -108,7 +108,8 @@ def test_unequal_mini_batches_warn_at_maxiter_and_stay_close(problem):
     with pytest.warns(RuntimeWarning, match=r"maxiter=300 with relative change \d"):
         approx = lissa.influences(xt, yt, x, y)
     direct = DirectInfluence(model, CE, LAM).fit(data)
-    assert rel(approx, direct.influences(xt, yt, x, y)) < 0.1  # mini-batch noise: the error shrinks like 1/scale
+    # mini-batch noise remains; it shrinks like 1/scale (unweighted batches would be off by ~0.2)
+    assert rel(approx, direct.influences(xt, yt, x, y)) < 0.1
 
 
 def test_layer_wise_against_explicit_block_diagonal(problem):
