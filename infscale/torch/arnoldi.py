@@ -214,6 +214,8 @@ class ArnoldiInfluence(TorchInfluenceFunctionModel):
             "krylov_dimension": self.krylov_dimension,
             "tol": self.tol,
             "max_iter": self.max_iter,
+            "block_size": self.block_size,
+            "seed": self.seed,
         }
 
     def _fit(self, data: Iterable) -> None:
