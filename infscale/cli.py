@@ -525,6 +525,7 @@ def compute_into_group(
     resume: bool = False,
     scheduler: str = "sync",
     connect_timeout: float = 10.0,
+    client: Any = None,
     self_influences: bool = False,
     top_k: int | None = None,
     progress: bool = True,
@@ -567,7 +568,7 @@ def compute_into_group(
                 )
             )
     else:
-        with dask_client(kind, arg, connect_timeout) as client:
+        with contextlib.nullcontext(client) if client else dask_client(kind, arg, connect_timeout) as client:
             log(f"computing influences on Dask ({scheduler}, dashboard {client.dashboard_link}) → {infl_url}")
             _dask_to_zarr(
                 infl_model, client, train_dataset, test_dataset, infl_url, mode, batch_size, test_batch_size,
@@ -782,17 +783,24 @@ def run_pipeline(config: RunConfig, log: Callable[[str], None] = print) -> None:
         "self_influences": config.self_influences,
         "infscale_version": infscale.__version__,
     }
-    prepare_group(config.out, config.overwrite, config.resume, attributes)
     from torch.utils.data import DataLoader
 
-    log(f"fitting {cls.__name__}({_format_params(config.params)}) on {len(train_ds)} training points")
-    _fit(infl_model, DataLoader(train_ds, batch_size=config.batch_size, shuffle=False))
-    compute_into_group(
-        infl_model, train_ds, test_ds, config.out, mode=mode, batch_size=config.batch_size,
-        device=str(device), resume=config.resume, scheduler=config.scheduler,
-        connect_timeout=config.connect_timeout, self_influences=config.self_influences, top_k=config.top_k,
-        progress=config.progress, log=log,
-    )  # fmt: skip
+    kind, arg = parse_scheduler(config.scheduler)
+    # connect (or start the local cluster) before touching the store or fitting: an unreachable
+    # scheduler is reported at once and leaves nothing behind
+    with (
+        contextlib.nullcontext()
+        if kind == "sync"
+        else dask_client(kind, arg, config.connect_timeout) as client
+    ):
+        prepare_group(config.out, config.overwrite, config.resume, attributes)
+        log(f"fitting {cls.__name__}({_format_params(config.params)}) on {len(train_ds)} training points")
+        _fit(infl_model, DataLoader(train_ds, batch_size=config.batch_size, shuffle=False))
+        compute_into_group(
+            infl_model, train_ds, test_ds, config.out, mode=mode, batch_size=config.batch_size,
+            device=str(device), resume=config.resume, scheduler=config.scheduler, client=client,
+            self_influences=config.self_influences, top_k=config.top_k, progress=config.progress, log=log,
+        )  # fmt: skip
     log(f"done: {config.out} (infscale info {config.out}; infscale top {config.out} --test 0)")
 
 

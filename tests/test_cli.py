@@ -312,6 +312,7 @@ def test_unreachable_scheduler(fixture_dir, tmp_path, capsys):
     address = f"tcp://127.0.0.1:{_free_port()}"
     line = _error(capsys, _run_args(tmp_path / "u.zarr", "--scheduler", address, "--connect-timeout", "1"))
     assert f"the Dask scheduler at {address} does not answer" in line
+    assert not (tmp_path / "u.zarr").exists()  # checked before anything is written
 
 
 def test_store_errors_and_debug(fixture_dir, tmp_path, capsys):
