@@ -9,10 +9,10 @@ the result has shape (n_test, n_train, *input_feature_shape).
 
 How the work is laid out (see ``docs/parallel.md``):
 
-- the fitted model is a single key of the task graph; every task that needs it
-  depends on that key, so the scheduler ships it to each worker once, and if a
-  worker dies the scheduler can rebuild the key from the graph (a scattered future
-  would be lost with the last worker holding it);
+- the fitted model is pickled once, when the calculator is made, into one key of
+  the task graph; every task that needs it depends on that key, so the scheduler
+  ships it to each worker once, and if workers die the scheduler rebuilds it from
+  the graph (a scattered future would be lost with the last worker holding it);
 - one factor task per test chunk, one training-representation task (per-sample
   gradients, in up mode) per training chunk, and one cheap product task per
   (test chunk, training chunk) pair.
@@ -20,14 +20,17 @@ How the work is laid out (see ``docs/parallel.md``):
 
 from __future__ import annotations
 
+import pickle
 import uuid
 import warnings
 from typing import Any
 
+import cloudpickle
 import dask
 import dask.array as da
 import numpy as np
 from dask.base import tokenize
+from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 from .base import InfluenceFunctionModel, InfluenceMode, NotFittedError
@@ -110,9 +113,27 @@ def _block_key(array: da.Array, row_block: int) -> tuple:
     return (array.name, row_block) + (0,) * (array.ndim - 1)
 
 
+def _unpickle(blob: bytes) -> Any:
+    return pickle.loads(blob)
+
+
+def _graph_object(obj: Any, name: str) -> Delayed:
+    """``obj`` as one key of a task graph, for every task that needs it to depend on.
+
+    The object is pickled once, now (a snapshot), into a bytes key; a second key
+    unpickles it where it is first needed. The scheduler moves it to each worker
+    once, never needs the object's libraries itself, and can rebuild it from the
+    graph if every worker holding it dies (unlike a scattered future).
+    """
+    token = uuid.uuid4().hex
+    blob = dask.delayed(cloudpickle.dumps(obj), name=f"{name}-pickle-{token}", pure=True, traverse=False)
+    return dask.delayed(_unpickle, pure=True)(blob, dask_key_name=f"{name}-{token}")
+
+
 # --------------------------------------------------------------- task functions
-# Module-level functions (pickled by reference). Each takes the model as its first
-# argument: the scheduler replaces the model's key with the object on the worker.
+# Module-level functions (pickled by reference; this module does not import torch, so
+# neither does the scheduler). Each takes (model, converter) as its first argument:
+# the scheduler replaces that key with the object on the worker.
 
 
 def _to_host(obj: Any, converter: Any) -> Any:
@@ -132,24 +153,34 @@ def _from_host(obj: Any, converter: Any) -> Any:
     return obj
 
 
-def _factors_task(model, converter, dtype, x, y):
+def _call(bundle: tuple, *args: Any) -> Any:
+    """``bundle[0](*bundle[1:], *args)``: runs a function that travelled inside a pickled key."""
+    function, *bound = bundle
+    return function(*bound, *args)
+
+
+def _factors_task(state, dtype, x, y):
+    model, converter = state
     factors = model.influence_factors(converter.from_numpy(x), converter.from_numpy(y))
     return np.asarray(converter.to_numpy(factors), dtype=dtype)
 
 
-def _representation_task(model, converter, mode, x, y):
+def _representation_task(state, mode, x, y):
+    model, converter = state
     representation = model.train_representation(converter.from_numpy(x), converter.from_numpy(y), mode)
     return _to_host(representation, converter)
 
 
-def _product_task(model, converter, mode, dtype, factors, representation):
+def _product_task(state, mode, dtype, factors, representation):
+    model, converter = state
     values = model.influences_from_representation(
         converter.from_numpy(factors), _from_host(representation, converter), mode
     )
     return np.asarray(converter.to_numpy(values), dtype=dtype)
 
 
-def _self_influences_task(model, converter, mode, dtype, x, y):
+def _self_influences_task(state, mode, dtype, x, y):
+    model, converter = state
     values = model.self_influences(converter.from_numpy(x), converter.from_numpy(y), mode)
     return np.asarray(converter.to_numpy(values), dtype=dtype)
 
@@ -218,13 +249,8 @@ class DaskInfluenceCalculator:
                 if multi:
                     raise ThreadSafetyViolationError(type(model).__name__, multi)
         self.dtype = _numpy_dtype(getattr(model, "dtype", np.float64))
-        # The model as one graph key, shared by every array this calculator makes.
-        self._model = dask.delayed(
-            model,
-            name=f"influence-model-{type(model).__name__}-{uuid.uuid4().hex}",
-            pure=True,
-            traverse=False,
-        )
+        # (model, converter), pickled now into one key that every task depends on
+        self._model = _graph_object((model, converter), f"influence-model-{type(model).__name__}")
 
     # ------------------------------------------------------------ validation
     def _check_client_open(self) -> None:
@@ -283,7 +309,6 @@ class DaskInfluenceCalculator:
             (name, i, 0): (
                 _factors_task,
                 self._model.key,
-                self.converter,
                 self.dtype,
                 _block_key(x, i),
                 _block_key(y, i),
@@ -311,7 +336,6 @@ class DaskInfluenceCalculator:
             (rep_name, j): (
                 _representation_task,
                 self._model.key,
-                self.converter,
                 mode.value,
                 _block_key(x, j),
                 _block_key(y, j),
@@ -322,7 +346,6 @@ class DaskInfluenceCalculator:
             (out_name, i, j, *feature_zeros): (
                 _product_task,
                 self._model.key,
-                self.converter,
                 mode.value,
                 self.dtype,
                 (factor_name, i, 0),
@@ -451,7 +474,6 @@ class DaskInfluenceCalculator:
             (name, i, *feature_zeros): (
                 _self_influences_task,
                 self._model.key,
-                self.converter,
                 mode.value,
                 self.dtype,
                 _block_key(x, i),

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import operator
 import uuid
 from typing import Any
 
-import dask
 import dask.array as da
 import numpy as np
 import torch
 from dask.highlevelgraph import HighLevelGraph
+
+from ..parallel import _call, _graph_object
 
 __all__ = ["torch_dataset_to_dask_array"]
 
@@ -30,10 +32,6 @@ def _read_rows(dataset: Any, start: int, stop: int, dtypes: tuple[np.dtype, ...]
     return tuple(out)
 
 
-def _pick(parts: tuple, k: int) -> np.ndarray:
-    return parts[k]
-
-
 def torch_dataset_to_dask_array(
     dataset: Any,
     chunk_size: int,
@@ -44,9 +42,10 @@ def torch_dataset_to_dask_array(
 
     Nothing is read when the arrays are made, except sample 0 (for shapes and
     dtypes). Each chunk of ``chunk_size`` rows is one task that indexes the dataset
-    on the worker that computes it; the dataset itself is one key of the graph, so
-    it is shipped to each worker once (for a dataset that reads from storage, that
-    is just its handle). A sample ``(x, y)`` gives ``(da_x, da_y)``.
+    on the worker that computes it, shared by all components. The dataset object is
+    pickled once, now, into one key of the graph and shipped to each worker once
+    (for a dataset that reads from storage, that is just its handle; an in-memory
+    dataset travels whole). A sample ``(x, y)`` gives ``(da_x, da_y)``.
 
     Args:
         dataset: anything with ``dataset[i]`` → a tensor or a tuple of tensors (or
@@ -86,20 +85,21 @@ def torch_dataset_to_dask_array(
         np.dtype(resulting_dtype) if t.is_floating_point() else t.cpu().numpy().dtype for t in first
     )
     token = uuid.uuid4().hex
-    data = dask.delayed(dataset, name=f"torch-dataset-{token}", pure=True, traverse=False)
+    # the dataset and its reader travel in one pickled key: the scheduler never imports torch
+    reader = _graph_object((_read_rows, dataset), "torch-dataset")
     read_name = f"torch-dataset-read-{token}"
     starts = list(range(0, total_size, chunk_size))
     row_chunks = tuple(min(chunk_size, total_size - s) for s in starts)
     read_layer = {
-        (read_name, b): (_read_rows, data.key, s, s + n, dtypes)
+        (read_name, b): (_call, reader.key, s, s + n, dtypes)
         for b, (s, n) in enumerate(zip(starts, row_chunks))
     }
-    read_graph = HighLevelGraph.from_collections(read_name, read_layer, dependencies=[data])
+    read_graph = HighLevelGraph.from_collections(read_name, read_layer, dependencies=[reader])
     arrays = []
     for k, (tensor, dtype) in enumerate(zip(first, dtypes)):
         name = f"torch-dataset-component{k}-{token}"
         zeros = (0,) * tensor.ndim
-        layer = {(name, b, *zeros): (_pick, (read_name, b), k) for b in range(len(starts))}
+        layer = {(name, b, *zeros): (operator.getitem, (read_name, b), k) for b in range(len(starts))}
         graph = HighLevelGraph(
             {**read_graph.layers, name: layer},
             {**read_graph.dependencies, name: {read_name}},
