@@ -3,6 +3,7 @@ work it does (counted with an instrumented model)."""
 
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -73,8 +74,10 @@ def closed_form(model, x_train, y_train, x_test, y_test, lam=LAM):
     return {"influences": influences, "factors": factors, "perturbation": perturbation, "self": self_infl}
 
 
-@pytest.fixture(scope="module")
-def linear():
+@functools.lru_cache(maxsize=1)
+def fitted_linear():
+    """Fitted DirectInfluence on the linear problem, its loaders and the closed form (cached:
+    test_zarr_store.py uses it too, and fitting once keeps the suite fast)."""
     model, xtr, ytr, xte, yte = make_linear()
     infl = DirectInfluence(model, mse, hessian_regularization=LAM)
     infl.fit(DataLoader(TensorDataset(xtr, ytr), batch_size=len(xtr)))
@@ -82,6 +85,11 @@ def linear():
     train = DataLoader(TensorDataset(xtr, ytr), batch_size=5)  # 5, 5, 5, 5, 3
     test = DataLoader(TensorDataset(xte, yte), batch_size=3)  # 3, 3, 1
     return infl, train, test, truth
+
+
+@pytest.fixture
+def linear():
+    return fitted_linear()
 
 
 def test_influences_match_closed_form_in_every_loop_order(linear):

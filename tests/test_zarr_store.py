@@ -14,29 +14,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import test_sequential
 import torch
 import zarr
-from test_sequential import LAM, CountingModel, closed_form, counting_problem, make_linear, mse
+from test_sequential import LAM, CountingModel, counting_problem
 from torch.utils.data import DataLoader, TensorDataset
 
 import infscale
 from infscale import SequentialInfluenceCalculator
 from infscale.array import COMPLETE_PREFIX, StoreExistsError, StoreMismatchError, completed_blocks
-from infscale.torch import DirectInfluence
 from infscale.torch.util import TorchNumpyConverter
 
 TESTS = Path(__file__).resolve().parent
-N_BLOCKS = 3 * 8  # counting_problem: 12 test points in batches of 4, 40 train points in batches of 5
+N_BLOCKS = 3 * 8
+# counting_problem: 12 test points in batches of 4, 40 train points in batches of 5
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def linear():
-    model, xtr, ytr, xte, yte = make_linear()
-    infl = DirectInfluence(model, mse, hessian_regularization=LAM)
-    infl.fit(DataLoader(TensorDataset(xtr, ytr), batch_size=len(xtr)))
-    train = DataLoader(TensorDataset(xtr, ytr), batch_size=5)
-    test = DataLoader(TensorDataset(xte, yte), batch_size=3)
-    return infl, train, test, closed_form(model, xtr, ytr, xte, yte)
+    """Fitted DirectInfluence, loaders and closed form; fitted once, shared with test_sequential.py."""
+    return test_sequential.fitted_linear()
 
 
 def counted_to_zarr(path, model=None, problem=None, **kwargs):
