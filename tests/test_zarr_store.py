@@ -269,8 +269,6 @@ def s3_server():
         "key": "testing",
         "secret": "testing",
         "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
-        "skip_instance_cache": True,
-        "use_listings_cache": False,
     }
     import boto3
 
