@@ -197,9 +197,19 @@ def test_self_influences_match_closed_form(fixture_dir, tmp_path):
     np.testing.assert_allclose(zarr.open_group(str(out), mode="r")["self_influences"][:], expected, rtol=1e-8)
 
 
-def test_run_from_toml_on_local_cluster(fixture_dir, truth, tmp_path, capsys):
-    """local:2 (two worker processes on 127.0.0.1), configured from a TOML file; a flag overrides it."""
+def test_run_from_toml_on_local_cluster_resuming_a_sync_run(fixture_dir, truth, tmp_path, capsys):
+    """local:2 (two worker processes on 127.0.0.1), configured from a TOML file (a flag overrides
+    it), finishing a store that a sync run left incomplete: the schedulers share the block markers."""
     out = tmp_path / "dask.zarr"
+    assert main(_run_args(out)) == 0
+    markers = out / "influences" / "_infscale_complete"
+    for key in ("1.0", "1.1", "1.4", "2.3"):  # forget four blocks and wipe their data
+        (markers / key).unlink()
+    stored = zarr.open_array(str(out / "influences"), mode="r+")
+    stored[8:16, 0:16] = 0.0
+    stored[8:16, 32:40] = 0.0
+    stored[16:, 24:32] = 0.0
+    capsys.readouterr()
     config = tmp_path / "run.toml"
     config.write_text(
         textwrap.dedent(
@@ -210,6 +220,7 @@ def test_run_from_toml_on_local_cluster(fixture_dir, truth, tmp_path, capsys):
             batch_size = {BATCH}
             out = "{out}"
             scheduler = "local:2"
+            resume = true
             top_k = 2
             progress = false
 
@@ -219,13 +230,12 @@ def test_run_from_toml_on_local_cluster(fixture_dir, truth, tmp_path, capsys):
         )
     )
     assert main(["run", "--config", str(config), "--top-k", "3"]) == 0
-    assert "127.0.0.1" in capsys.readouterr().out  # the dashboard link: bound to localhost
+    assert "dashboard http://127.0.0.1:" in capsys.readouterr().out  # bound to localhost
     group = zarr.open_group(str(out), mode="r")
     np.testing.assert_allclose(group["influences"][:], truth, rtol=1e-8, atol=1e-10)
     assert group["top_helpful_indices"].shape == (N_TEST, 3)
     assert group.attrs["scheduler"] == "local:2"
-    assert main(["info", str(out)]) == 0
-    assert "15 of 15 blocks done" in capsys.readouterr().out
+    assert len(list(markers.iterdir())) == 15
 
 
 def test_resume_after_kill(fixture_dir, truth, tmp_path, capsys):
