@@ -275,6 +275,21 @@ def load_data(spec: str):
             )
         if len(ds) == 0:
             raise UsageError(f"--data: {spec}() returned an empty {name}.")
+    shapes = []
+    for name, ds in zip(("train_dataset", "test_dataset"), result):
+        try:
+            item = ds[0]
+        except Exception as error:
+            raise UsageError(f"--data: {name}[0] raised {type(error).__name__}: {error}") from error
+        if not isinstance(item, (tuple, list)) or len(item) < 2 or not hasattr(item[0], "shape"):
+            raise UsageError(
+                f"--data: the items of {name} must be (x, y) pairs of tensors; item 0 is {_describe(item)}."
+            )
+        shapes.append(tuple(item[0].shape))
+    if shapes[0] != shapes[1]:
+        raise UsageError(
+            f"--data: training inputs have shape {shapes[0]} but test inputs {shapes[1]}; they must match."
+        )
     return result
 
 
@@ -1058,6 +1073,26 @@ def _version() -> str:
     return __version__
 
 
+class _Never(Exception):
+    pass
+
+
+def _actionable_errors() -> tuple[type[BaseException], ...]:
+    """Library errors whose cause the user can fix (a λ too small for the curvature, a diverging
+    LiSSA, Dask workers with several threads): reported like usage errors."""
+    found: list[type[BaseException]] = []
+    for module, name in (
+        ("infscale.torch.direct", "NotPositiveDefiniteError"),
+        ("infscale.torch.lissa", "LissaDivergenceError"),
+        ("infscale.parallel", "ThreadSafetyViolationError"),
+    ):
+        if module in sys.modules:  # only what was used can have raised
+            cls = getattr(sys.modules[module], name, None)
+            if isinstance(cls, type):
+                found.append(cls)
+    return tuple(found) or (_Never,)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``infscale`` command. Returns the exit code: 0 success, 2 an error
     the user can act on (one line on stderr), 1 an internal error."""
@@ -1075,6 +1110,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         print(f"infscale {args.command}: error: {error}", file=sys.stderr)
+        return USAGE_EXIT
+    except _actionable_errors() as error:  # raised by the library; the user can fix the cause
+        if debug:
+            traceback.print_exc()
+        print(f"infscale {args.command}: error: {type(error).__name__}: {error}", file=sys.stderr)
         return USAGE_EXIT
     except KeyboardInterrupt:
         print(f"infscale {args.command}: interrupted", file=sys.stderr)

@@ -98,6 +98,16 @@ FIXTURE = textwrap.dedent(
 
     def broken():
         raise RuntimeError("the factory is broken")
+
+
+    def mismatched_data():
+        x, y = tensors()
+        return TensorDataset(x[:N_TRAIN], y[:N_TRAIN]), TensorDataset(x[N_TRAIN:, :2], y[N_TRAIN:])
+
+
+    def concave_model():
+        m, _ = model()
+        return m, lambda outputs, targets: -mse(outputs, targets)  # negative definite Hessian
     """
 )
 
@@ -302,6 +312,8 @@ M, D = "cli_fixture:model", "cli_fixture:data"
         ((), "cli_fixture:wrong_model", D, "returned a model of type int, not a torch.nn.Module"),
         ((), M, "cli_fixture:wrong_data", "expected a torch.utils.data.Dataset"),
         ((), M, "cli_fixture:broken", "cli_fixture:broken() raised RuntimeError: the factory"),
+        ((), M, "cli_fixture:mismatched_data", "training inputs have shape (3,) but test inputs (2,)"),
+        (("--param", "hessian_regularization=0"), "cli_fixture:concave_model", D, "is not positive definite"),
         (("--param", "rank"), M, D, "--param: expected key=value"),
         (("--param", "rnak=3"), M, D, "DirectInfluence has no parameter 'rnak'"),
         (
