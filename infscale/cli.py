@@ -88,31 +88,14 @@ class UsageError(Exception):
 
 # ====================================================================== methods
 def available_methods() -> dict[str, type]:
-    """Short name → class, for the methods that exist in ``infscale.torch``."""
+    """Short name → class, for the methods of ``METHODS`` that ``infscale.torch`` exports
+    (imported on first use, not when the command starts)."""
     torch_pkg = importlib.import_module("infscale.torch")
-    out = {}
-    for name, cls_name in METHODS.items():
-        cls = getattr(torch_pkg, cls_name, None)
-        if cls is None:
-            with contextlib.suppress(ImportError):
-                # a method module may exist without being exported yet
-                module = importlib.import_module(f"infscale.torch.{_module_name(cls_name)}")
-                cls = getattr(module, cls_name, None)
-        if cls is not None:
-            out[name] = cls
-    return out
-
-
-def _module_name(cls_name: str) -> str:
     return {
-        "DirectInfluence": "direct",
-        "CgInfluence": "cg",
-        "LissaInfluence": "lissa",
-        "ArnoldiInfluence": "arnoldi",
-        "NystroemSketchInfluence": "nystroem",
-        "InverseHarmonicMeanInfluence": "inverse_harmonic_mean",
-        "EkfacInfluence": "ekfac",
-    }.get(cls_name, cls_name.lower())
+        name: getattr(torch_pkg, cls_name)
+        for name, cls_name in METHODS.items()
+        if hasattr(torch_pkg, cls_name)
+    }
 
 
 def resolve_method(name: str) -> tuple[str, type]:
@@ -1009,7 +992,9 @@ def build_parser() -> argparse.ArgumentParser:
         "labels, compute influences into DIR/influences.zarr, print the findings and draw DIR/report.png.",
     )
     demo.add_argument("--out", default="demo-output", help="output directory (default: demo-output)")
-    demo.add_argument("--method", default="direct", help="influence method (default: direct)")
+    demo.add_argument(
+        "--method", default="direct", help=f"influence method: {', '.join(METHODS)} (default: direct)"
+    )
     demo.add_argument("--param", action="append", metavar="KEY=VALUE", help="method parameter (repeatable)")
     demo.add_argument(
         "--workers", type=int, default=None, help="use a local Dask cluster of N worker processes"
@@ -1029,10 +1014,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--data", metavar="PKG.MOD:FACTORY", help="factory returning (train_dataset, test_dataset)"
     )
-    run.add_argument("--method", help="influence method (default: cg)")
+    run.add_argument("--method", help=f"influence method: {', '.join(METHODS)} (default: cg)")
     run.add_argument("--param", action="append", metavar="KEY=VALUE", help="method parameter (repeatable)")
     run.add_argument("--mode", choices=("up", "perturbation"), help="influence mode (default: up)")
-    run.add_argument("--batch-size", type=int, help="rows per batch and per zarr chunk (default: 64)")
+    run.add_argument(
+        "--batch-size", type=int, metavar="N", help="rows per batch and per zarr chunk (default: 64)"
+    )
     run.add_argument("--device", help="torch device (default: cpu)")
     run.add_argument("--out", metavar="PATH_OR_URL", help="zarr store to write (path, file://, s3://, ...)")
     run.add_argument("--overwrite", action="store_true", default=None, help="replace an existing store")
