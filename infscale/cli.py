@@ -567,7 +567,8 @@ def compute_into_group(
             )
     else:
         with contextlib.nullcontext(client) if client else dask_client(kind, arg, connect_timeout) as client:
-            log(f"computing influences on Dask ({scheduler}, dashboard {client.dashboard_link}) → {infl_url}")
+            where = f"scheduler {client.scheduler.address}, dashboard {client.dashboard_link}"
+            log(f"computing influences on Dask ({scheduler}: {where}) → {infl_url}")
             _dask_to_zarr(
                 infl_model, client, train_dataset, test_dataset, infl_url, mode, batch_size, test_batch_size,
                 resume, progress, self_url if self_influences else None, device,

@@ -240,7 +240,8 @@ def test_run_from_toml_on_local_cluster_resuming_a_sync_run(fixture_dir, truth, 
         )
     )
     assert main(["run", "--config", str(config), "--top-k", "3"]) == 0
-    assert "dashboard http://127.0.0.1:" in capsys.readouterr().out  # bound to localhost
+    text = capsys.readouterr().out
+    assert "scheduler tcp://127.0.0.1:" in text and "dashboard http://127.0.0.1:" in text  # localhost only
     group = zarr.open_group(str(out), mode="r")
     np.testing.assert_allclose(group["influences"][:], truth, rtol=1e-8, atol=1e-10)
     assert group["top_helpful_indices"].shape == (N_TEST, 3)
