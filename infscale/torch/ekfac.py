@@ -460,13 +460,16 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
             self.diagonal = {b: v / n for b, v in diag.items()}
         self._denominators = {}
 
-    def _rotated(self, layer: _Layer, d: Tensor, a: Tensor) -> Tensor:
-        """Per-sample gradients Σ_t δ_t ã_tᵀ rotated into the eigenbasis: (n, d_out, d_in)."""
+    def _rotated(self, layer: _Layer, d: Tensor, a: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """Per-sample gradients Σ_t δ_t ã_tᵀ rotated into the eigenbasis: (n, d_out, d_in), in
+        ``dtype`` (default: the factor dtype; the rotations are always in the factor dtype)."""
         q_g, q_a = self.eigenvectors_G[layer.block], self.eigenvectors_A[layer.block]
         T, do, di = a.shape[1], layer.d_out, layer.d_in
+        dtype = dtype or self.factor_dtype
         if T * (do * do + di * di) <= do * di * (do + di):
-            return torch.einsum("ntk,ntl->nkl", d @ q_g, a @ q_a)
-        return q_g.T @ torch.einsum("ntk,ntl->nkl", d, a) @ q_a
+            # rotate the vectors, then form the (sum of) outer products, never the gradient itself
+            return torch.einsum("ntk,ntl->nkl", (d @ q_g).to(dtype), (a @ q_a).to(dtype))
+        return (q_g.T @ torch.einsum("ntk,ntl->nkl", d, a) @ q_a).to(dtype)
 
     def _rotated_squares(self, layer: _Layer, d: Tensor, a: Tensor) -> Tensor:
         """Σ_n (Q_Gᵀ g_n Q_A)² for one output vector: (d_out, d_in)."""
@@ -564,7 +567,7 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
             self.n_parameters, torch.finfo(self.factor_dtype).bits // 8
         )
 
-    def _layer_gradients(self, x: Tensor, y: Tensor, rotate: bool):
+    def _layer_gradients(self, x: Tensor, y: Tensor, rotate: bool, dtype: torch.dtype | None = None):
         """Yields (start, {block: (n_chunk, d_out, d_in)}) per chunk: per-sample loss gradients
         as matrices, rotated into the eigenbasis if ``rotate``."""
         chunk = self._chunk()
@@ -574,31 +577,37 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
             out = {}
             for ly in self.layers:
                 d, a = deltas[ly.block][0], patches[ly.block]
-                out[ly.block] = self._rotated(ly, d, a) if rotate else torch.einsum("ntk,ntl->nkl", d, a)
+                if rotate:
+                    out[ly.block] = self._rotated(ly, d, a, dtype)
+                else:
+                    out[ly.block] = torch.einsum("ntk,ntl->nkl", d.to(dtype), a.to(dtype))
             yield s, out
 
-    def _collect(self, x: Tensor, y: Tensor, rotate: bool) -> dict[str, Tensor]:
+    def _collect(
+        self, x: Tensor, y: Tensor, rotate: bool, dtype: torch.dtype | None = None
+    ) -> dict[str, Tensor]:
+        dtype = dtype or self.factor_dtype
         parts: dict[str, list[Tensor]] = {ly.block: [] for ly in self.layers}
-        for _, grads in self._layer_gradients(x, y, rotate):
+        for _, grads in self._layer_gradients(x, y, rotate, dtype):
             for b, g in grads.items():
                 parts[b].append(g)
         return {
             ly.block: torch.cat(parts[ly.block])
             if parts[ly.block]
-            else x.new_zeros((0, ly.d_out, ly.d_in), dtype=self.factor_dtype)
+            else x.new_zeros((0, ly.d_out, ly.d_in), dtype=dtype)
             for ly in self.layers
         }
 
     def _gradients(self, x: Tensor, y: Tensor) -> Tensor:
         """Per-sample gradients (n, p) in the flat layout, from one batched forward/backward
         (δ ãᵀ per layer) instead of a vmap over samples."""
-        grads = self._collect(x, y, rotate=False)
-        return torch.cat([self._to_flat(ly, grads[ly.block]) for ly in self.layers], dim=1).to(self.dtype)
+        grads = self._collect(x, y, rotate=False, dtype=self.dtype)
+        return torch.cat([self._to_flat(ly, grads[ly.block]) for ly in self.layers], dim=1)
 
     def _train_gradients(self, x: Tensor, y: Tensor) -> Tensor:
         # the training representation: per-sample gradients in the eigenbasis (n, p); the test
         # factors are rotated into it in _from_gradients (rotations keep inner products)
-        rotated = self._collect(x, y, rotate=True)
+        rotated = self._collect(x, y, rotate=True, dtype=self.dtype)
         return torch.cat([rotated[ly.block].flatten(1) for ly in self.layers], dim=1)
 
     def _from_gradients(self, factors: Tensor, train_gradients: Tensor) -> Tensor:
@@ -607,25 +616,33 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
             q_g, q_a = self.eigenvectors_G[ly.block], self.eigenvectors_A[ly.block]
             fr = q_g.T @ self._to_matrix(ly, factors[:, block.slice].to(self.factor_dtype)) @ q_a
             parts.append(fr.flatten(1))
-        rotated = torch.cat(parts, dim=1)
-        return (rotated @ train_gradients.to(self.factor_dtype).T).to(self.dtype)
+        rotated = torch.cat(parts, dim=1).to(self.dtype)
+        return rotated @ train_gradients.to(self.device, self.dtype).T
 
     # ------------------------------------------------------------------ fast queries (up mode)
     def _influences(self, x_test, y_test, x, y, mode, symmetric) -> Tensor:
         if mode is not InfluenceMode.Up:
             return super()._influences(x_test, y_test, x, y, mode, symmetric)
         by_layer = self._rotated_influences(x_test, y_test, None if symmetric else (x, y))
-        return sum(by_layer.values()).to(self.dtype)
+        return sum(by_layer.values())
 
     def _rotated_influences(self, x_test, y_test, train, lams: Mapping[str, float] | None = None):
-        """Per layer Σ_ij R_test,ij R_train,ij / (Λ_ij + λ), R the rotated gradients."""
-        test = self._collect(x_test, y_test, rotate=True)
-        trn = test if train is None else self._collect(*train, rotate=True)
-        out = {}
+        """Per layer Σ_ij R_test,ij R_train,ij / (Λ_ij + λ), R the rotated gradients; the
+        training side is streamed in chunks, so only n_test × p values are held at once."""
+        test = self._collect(x_test, y_test, rotate=True, dtype=self.dtype)
+        scaled = {}
         for ly in self.layers:
             b = ly.block
             d = self._denominator(b, None if lams is None else lams[b])
-            out[b] = (test[b] / d).flatten(1) @ trn[b].flatten(1).T
+            scaled[b] = (test[b] / d.to(self.dtype)).flatten(1)
+        if train is None:
+            return {b: scaled[b] @ test[b].flatten(1).T for b in scaled}
+        del test
+        x, y = train
+        out = {b: v.new_empty((v.shape[0], x.shape[0])) for b, v in scaled.items()}
+        for s, grads in self._layer_gradients(x, y, rotate=True, dtype=self.dtype):
+            for b, g in grads.items():
+                out[b][:, s : s + g.shape[0]] = scaled[b] @ g.flatten(1).T
         return out
 
     def self_influences(self, x: Tensor, y: Tensor, mode: InfluenceMode | str = InfluenceMode.Up) -> Tensor:
@@ -635,10 +652,10 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
         if self._parse_mode(mode, "self_influences") is not InfluenceMode.Up:
             return super().self_influences(x, y, mode)
         x, y = self._check_xy(x, y, "self_influences")
-        rotated = self._collect(x, y, rotate=True)
-        total = sum(
-            (rotated[ly.block].square() / self._denominator(ly.block)).flatten(1).sum(1) for ly in self.layers
-        )
+        total = torch.zeros(x.shape[0], dtype=self.factor_dtype, device=self.device)
+        for s, grads in self._layer_gradients(x, y, rotate=True):
+            for b, g in grads.items():
+                total[s : s + g.shape[0]] += (g.square() / self._denominator(b)).flatten(1).sum(1)
         return total.to(self.dtype)
 
     # ------------------------------------------------------------------ per layer
@@ -699,16 +716,13 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
                 raise ValueError(
                     f"explore_hessian_regularization(): regularization_values must be ≥ 0; got {v}."
                 )
-        rotated = self._collect(x, y, rotate=True)
+        rotated = self._collect(x, y, rotate=True, dtype=self.dtype)
         flat = {b: r.flatten(1) for b, r in rotated.items()}
         result = {}
         for v in values:
-            per = {
-                ly.block: ((flat[ly.block] / self._denominator(ly.block, v).flatten()) @ flat[ly.block].T).to(
-                    self.dtype
-                )
-                for ly in self.layers
-            }
+            per = {}
+            for b, r in flat.items():
+                per[b] = (r / self._denominator(b, v).flatten().to(self.dtype)) @ r.T
             result[v] = per if by_layer else sum(per.values())
         return result
 

@@ -15,7 +15,9 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -478,3 +480,19 @@ def test_shared_layer_is_rejected():
         ek = EkfacInfluence(model)
     with pytest.raises(ValueError, match="more than once"):
         ek.fit(loader(x, y))
+
+
+@pytest.mark.slow
+def test_digits_mlp_ekfac_agrees_with_direct_gauss_newton():
+    """Quality, not exactness (covered above): EK-FAC vs the exact Gauss-Newton influences of the
+    digits MLP at λ = 0.03 (the largest Gauss-Newton eigenvalue is about 0.18). ~10 s."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from workloads import digits_mlp, pearson
+
+    model, loss, (xtr, ytr, xte, yte) = digits_mlp()
+    dl = DataLoader(TensorDataset(xtr, ytr), batch_size=512)
+    direct = DirectInfluence(model, loss, 0.03, second_order_mode="gauss_newton").fit(dl)
+    expected = direct.influences(xte[:50], yte[:50], xtr, ytr)
+    for fisher in ("true", "exact"):
+        ek = EkfacInfluence(model, hessian_regularization=0.03, fisher=fisher).fit(dl)
+        assert pearson(ek.influences(xte[:50], yte[:50], xtr, ytr), expected) >= 0.9
