@@ -260,7 +260,7 @@ def test_resume_after_kill(fixture_dir, truth, tmp_path, capsys):
         env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     markers = out / "influences" / "_infscale_complete"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             if markers.is_dir() and any(markers.iterdir()):
