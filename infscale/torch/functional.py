@@ -227,6 +227,18 @@ def split_batch(batch, argument: str = "batch") -> tuple[Tensor, Tensor]:
     )
 
 
+def _jvp_with_target(fn, primal, tangent, y: Tensor):
+    """The tangent output of ``fn(primal, y)`` along ``tangent``, y held fixed.
+
+    A floating-point target rides along as a primal with an explicit zero tangent:
+    some losses' forward-over-reverse formulas (e.g. ``mse_loss``) fail on the
+    implicit zero tangent a constant target gets ("ZeroTensors are immutable").
+    """
+    if y.is_floating_point() or y.is_complex():
+        return jvp(fn, (primal, y), (tangent, torch.zeros_like(y)))[1]
+    return jvp(lambda p: fn(p, y), (primal,), (tangent,))[1]
+
+
 def _single_sample_loss(layout: ParameterLayout, loss: LossFunction, block=None):
     model = layout.model
 
@@ -291,8 +303,14 @@ def perturbation_influences(
         g = grad(sample_loss)(params, fixed, xi, yi)
         return factors @ layout.flatten(g)
 
-    jac = jacrev if factors.shape[0] <= n_features else jacfwd
-    per_sample = vmap(jac(projected_grad), in_dims=(0, 0))
+    if factors.shape[0] <= n_features:
+        per_sample = vmap(jacrev(projected_grad), in_dims=(0, 0))
+    elif y.is_floating_point():
+        # forward mode with a floating target: give it a tangent too (and drop its
+        # columns), as some losses' forward-over-reverse formulas fail without one
+        per_sample = vmap(lambda xi, yi: jacfwd(projected_grad, argnums=(0, 1))(xi, yi)[0], in_dims=(0, 0))
+    else:
+        per_sample = vmap(jacfwd(projected_grad), in_dims=(0, 0))
     chunk = chunk_size or default_chunk_size(
         layout.n_parameters, x.element_size(), factor=max(1, min(factors.shape[0], n_features))
     )
@@ -382,16 +400,15 @@ class CurvatureOperator:
     def _batch_product(self, x: Tensor, y: Tensor, V: Tensor) -> Tensor:
         block, layout = self.block, self.layout
         tangents = layout.unflatten(V, block)
-        if self.mode is SecondOrderMode.HESSIAN:
-            f = self._batch_loss(x, y)
-            g = grad(f)
-
-            def hvp(t):
-                return jvp(g, (self.params,), (t,))[1]
-
-            out = vmap(hvp)(tangents)
-            return layout.flatten(out, block, batch_dims=1)
         model, fixed, loss = layout.model, self.fixed, self.loss
+        if self.mode is SecondOrderMode.HESSIAN:
+
+            def f(params, yy):
+                return loss(functional_call(model, {**fixed, **params}, (x,)), yy)
+
+            g = grad(f)
+            out = vmap(lambda t: _jvp_with_target(g, self.params, t, y))(tangents)
+            return layout.flatten(out, block, batch_dims=1)
 
         def outputs(params):
             return functional_call(model, {**fixed, **params}, (x,))
@@ -399,8 +416,8 @@ class CurvatureOperator:
         out, vjp_fn = vjp(outputs, self.params)
         jv = vmap(lambda t: jvp(outputs, (self.params,), (t,))[1])(tangents)
         out = out.detach()
-        loss_grad = grad(lambda o: loss(o, y))
-        hjv = vmap(lambda u: jvp(loss_grad, (out,), (u,))[1])(jv)
+        loss_grad = grad(loss)
+        hjv = vmap(lambda u: _jvp_with_target(loss_grad, out, u, y))(jv)
         (res,) = vmap(vjp_fn)(hjv)
         return layout.flatten(res, block, batch_dims=1)
 
@@ -420,11 +437,89 @@ class CurvatureOperator:
             raise ValueError("the training data is empty: it yielded no samples.")
         return total / n
 
+    def _unit_columns(self, x: Tensor, y: Tensor, j: int, V: Tensor) -> Tensor:
+        """Curvature products of one batch with tangents V (k, numel_j) that live in the
+        block's parameter j only, restricted to the rows of parameters j, j+1, …: (k, rows).
+
+        Forward mode runs only from parameter j (the others carry no tangent) and reverse
+        mode only back to parameter j, so later parameters' columns are cheap; the rows of
+        earlier parameters follow from symmetry.
+        """
+        block, model, loss = self.block, self.layout.model, self.loss
+        names = block.parameter_names
+        name_j = names[j]
+        rows = names[j:]
+        const = {**self.fixed, **{n: self.params[n] for n in names[:j]}}
+        others = {n: self.params[n] for n in rows[1:]}
+        p_j = self.params[name_j]
+        tangents = V.reshape(V.shape[0], *block.shapes[j])
+
+        def flat(d: Mapping[str, Tensor], batch_dims: int = 0) -> Tensor:
+            return torch.cat([d[n].reshape(*d[n].shape[:batch_dims], -1) for n in rows], dim=-1)
+
+        if self.mode is SecondOrderMode.HESSIAN:
+
+            def row_gradient(pj: Tensor, yy: Tensor) -> Tensor:
+                def f(ps):
+                    return loss(functional_call(model, {**const, **ps}, (x,)), yy)
+
+                return flat(grad(f)({**others, name_j: pj}))
+
+            return vmap(lambda t: _jvp_with_target(row_gradient, p_j, t, y))(tangents)
+
+        def outputs_rows(ps):
+            return functional_call(model, {**const, **ps}, (x,))
+
+        def outputs_j(pj):
+            return functional_call(model, {**const, **others, name_j: pj}, (x,))
+
+        out, vjp_fn = vjp(outputs_rows, {**others, name_j: p_j})
+        jv = vmap(lambda t: jvp(outputs_j, (p_j,), (t,))[1])(tangents)
+        out = out.detach()
+        loss_grad = grad(loss)
+        hjv = vmap(lambda u: _jvp_with_target(loss_grad, out, u, y))(jv)
+        (res,) = vmap(vjp_fn)(hjv)
+        return flat(res, batch_dims=1)
+
     def dense(self) -> Tensor:
-        """The explicit (p_block, p_block) curvature matrix, symmetrized."""
-        eye = torch.eye(self.size, dtype=self.layout.dtype, device=self.layout.device)
-        H = self.matmat(eye)
-        return (H + H.T) / 2
+        """The explicit (p_block, p_block) curvature matrix, symmetric.
+
+        Built column group by column group, one group per parameter tensor with unit
+        tangents in that parameter only; each group computes only the rows of its own
+        and later parameters (the rest is the transpose of earlier groups), which skips
+        most of the symmetric half's work.
+        """
+        block, layout = self.block, self.layout
+        p = block.size
+        H = torch.zeros(p, p, dtype=layout.dtype, device=layout.device)
+        offsets = [0]
+        for numel in block.numels:
+            offsets.append(offsets[-1] + numel)
+        n = 0
+        for batch in self.data:
+            x, y = self.to_device(*split_batch(batch))
+            b = x.shape[0]
+            if b == 0:
+                continue
+            chunk = self.vector_chunk or max(1, VECTORS_TIMES_SAMPLES // b)
+            for j, numel in enumerate(block.numels):
+                o = offsets[j]
+                for s in range(0, numel, chunk):
+                    e = min(s + chunk, numel)
+                    V = torch.zeros(e - s, numel, dtype=layout.dtype, device=layout.device)
+                    V[torch.arange(e - s), torch.arange(s, e)] = 1
+                    H[o + s : o + e, o:] += b * self._unit_columns(x, y, j, V)
+            n += b
+        self.n_products += 1
+        if n == 0:
+            raise ValueError("the training data is empty: it yielded no samples.")
+        H /= n
+        for j in range(len(block.numels)):
+            o, e = offsets[j], offsets[j + 1]
+            D = H[o:e, o:e]
+            D.copy_((D + D.T) / 2)
+            H[e:, o:e] = H[o:e, e:].T
+        return H
 
 
 def block_regularization(layout: ParameterLayout, regularization, default: float = 0.0) -> dict[str, float]:
