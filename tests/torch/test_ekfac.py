@@ -496,3 +496,30 @@ def test_digits_mlp_ekfac_agrees_with_direct_gauss_newton():
     for fisher in ("true", "exact"):
         ek = EkfacInfluence(model, hessian_regularization=0.03, fisher=fisher).fit(dl)
         assert pearson(ek.influences(xte[:50], yte[:50], xtr, ytr), expected) >= 0.9
+
+
+@pytest.mark.parametrize("kind", ["conv_same_reflect_dilated", "linear_on_sequences"])
+def test_more_layer_shapes_give_exact_gradients_and_consistent_influences(kind):
+    torch.manual_seed(2)
+    g = torch.Generator().manual_seed(4)
+    if kind == "conv_same_reflect_dilated":
+        conv = nn.Conv2d(2, 3, 3, padding="same", padding_mode="reflect", dilation=2)
+        model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(3 * 36, 3)).to(DT)
+        x = torch.randn(7, 2, 6, 6, generator=g, dtype=DT)
+    else:  # a Linear applied at 5 positions: the KFC convention with T = 5
+        model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(15, 3)).to(DT)
+        x = torch.randn(7, 5, 4, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (7,), generator=g)
+    ek = EkfacInfluence(model, hessian_regularization=0.01, fisher="empirical").fit(loader(x, y))
+    grads = per_sample_gradients(ek.layout, F.cross_entropy, x, y)
+    torch.testing.assert_close(ek._gradients(x, y), grads, rtol=1e-9, atol=1e-12)
+    expected = ek.influence_factors(x[:2], y[:2]) @ grads.T
+    torch.testing.assert_close(ek.influences(x[:2], y[:2], x, y), expected, rtol=1e-8, atol=1e-12)
+    # the first layer's diagonal is the projected second moment of the exact per-sample gradients
+    first = ek.layout.blocks[0]
+    m = dict(model.named_modules())[first.name]
+    G = torch.stack([to_matrix(m, gi) for gi in grads[:, first.slice]])
+    q_g, q_a = ek.eigenvectors_G[first.name], ek.eigenvectors_A[first.name]
+    torch.testing.assert_close(
+        ek.diagonal[first.name], (q_g.T @ G @ q_a).square().mean(0), rtol=1e-9, atol=1e-14
+    )
