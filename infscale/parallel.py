@@ -142,7 +142,7 @@ def _to_host(obj: Any, converter: Any) -> Any:
         return obj
     if isinstance(obj, (tuple, list)):
         return type(obj)(_to_host(o, converter) for o in obj)
-    return converter.to_numpy(obj)
+    return converter.to_numpy(obj) if hasattr(obj, "detach") else obj
 
 
 def _from_host(obj: Any, converter: Any) -> Any:
@@ -197,6 +197,9 @@ class DaskInfluenceCalculator:
     chunks follow the inputs' row chunks; the dtype is the model's (a torch dtype
     is mapped to numpy's). Inputs must be chunked along their first axis only.
 
+    The model and the converter are pickled when the calculator is made: results
+    use that snapshot, which travels to each worker once per computation.
+
     Args:
         influence_function_model: a fitted ``InfluenceFunctionModel``.
         converter: turns numpy chunks into the model's tensors and back, e.g.
@@ -250,7 +253,7 @@ class DaskInfluenceCalculator:
                     raise ThreadSafetyViolationError(type(model).__name__, multi)
         self.dtype = _numpy_dtype(getattr(model, "dtype", np.float64))
         # (model, converter), pickled now into one key that every task depends on
-        self._model = _graph_object((model, converter), f"influence-model-{type(model).__name__}")
+        self._state = _graph_object((model, converter), f"influence-model-{type(model).__name__}")
 
     # ------------------------------------------------------------ validation
     def _check_client_open(self) -> None:
@@ -304,11 +307,11 @@ class DaskInfluenceCalculator:
 
     # ------------------------------------------------------------ graph pieces
     def _factor_tasks(self, x: da.Array, y: da.Array) -> tuple[str, dict]:
-        name = "influence-factors-" + tokenize(self._model.key, x.name, y.name)
+        name = "influence-factors-" + tokenize(self._state.key, x.name, y.name)
         layer = {
             (name, i, 0): (
                 _factors_task,
-                self._model.key,
+                self._state.key,
                 self.dtype,
                 _block_key(x, i),
                 _block_key(y, i),
@@ -327,7 +330,7 @@ class DaskInfluenceCalculator:
         y: da.Array,
         mode: InfluenceMode,
     ) -> da.Array:
-        token = tokenize(self._model.key, factor_name, x.name, y.name, mode.value)
+        token = tokenize(self._state.key, factor_name, x.name, y.name, mode.value)
         rep_name = f"influence-train-representation-{token}"
         out_name = f"influences-{mode.value}-{token}"
         feature_zeros = (0,) * (x.ndim - 1) if mode is InfluenceMode.Perturbation else ()
@@ -335,7 +338,7 @@ class DaskInfluenceCalculator:
         rep_layer = {
             (rep_name, j): (
                 _representation_task,
-                self._model.key,
+                self._state.key,
                 mode.value,
                 _block_key(x, j),
                 _block_key(y, j),
@@ -345,7 +348,7 @@ class DaskInfluenceCalculator:
         out_layer = {
             (out_name, i, j, *feature_zeros): (
                 _product_task,
-                self._model.key,
+                self._state.key,
                 mode.value,
                 self.dtype,
                 (factor_name, i, 0),
@@ -356,7 +359,7 @@ class DaskInfluenceCalculator:
         }
         layers = {**(factor_layer or {}), **rep_layer, **out_layer}
         graph = HighLevelGraph.from_collections(
-            out_name, layers, dependencies=[self._model, x, y, *factor_dependencies]
+            out_name, layers, dependencies=[self._state, x, y, *factor_dependencies]
         )
         chunks = (test_chunks, x.chunks[0])
         if mode is InfluenceMode.Perturbation:
@@ -374,7 +377,7 @@ class DaskInfluenceCalculator:
         self._check_client_open()
         self._check_pair(x, y, "influence_factors")
         name, layer = self._factor_tasks(x, y)
-        graph = HighLevelGraph.from_collections(name, layer, dependencies=[self._model, x, y])
+        graph = HighLevelGraph.from_collections(name, layer, dependencies=[self._state, x, y])
         n_parameters = int(self.model.n_parameters)
         return da.Array(graph, name, (x.chunks[0], (n_parameters,)), meta=np.empty((0, 0), dtype=self.dtype))
 
@@ -468,12 +471,12 @@ class DaskInfluenceCalculator:
         self._check_client_open()
         mode = self._parse_mode(mode, "self_influences")
         self._check_pair(x, y, "self_influences")
-        name = f"self-influences-{mode.value}-" + tokenize(self._model.key, x.name, y.name)
+        name = f"self-influences-{mode.value}-" + tokenize(self._state.key, x.name, y.name)
         feature_zeros = (0,) * (x.ndim - 1) if mode is InfluenceMode.Perturbation else ()
         layer = {
             (name, i, *feature_zeros): (
                 _self_influences_task,
-                self._model.key,
+                self._state.key,
                 mode.value,
                 self.dtype,
                 _block_key(x, i),
@@ -481,7 +484,7 @@ class DaskInfluenceCalculator:
             )
             for i in range(len(x.chunks[0]))
         }
-        graph = HighLevelGraph.from_collections(name, layer, dependencies=[self._model, x, y])
+        graph = HighLevelGraph.from_collections(name, layer, dependencies=[self._state, x, y])
         chunks = (x.chunks[0],)
         if mode is InfluenceMode.Perturbation:
             chunks = chunks + tuple((d,) for d in x.shape[1:])

@@ -389,7 +389,9 @@ def test_bad_input_errors(problem):
 def test_thread_safety_check_and_closed_client(problem):
     p = problem
     # threads in this process: cheap to start, enough to see the check
-    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as client:
+    with Client(
+        processes=False, n_workers=1, threads_per_worker=2, dashboard_address="127.0.0.1:0"
+    ) as client:
         address = next(iter(client.nthreads()))
         with pytest.raises(ThreadSafetyViolationError, match=r"threads_per_worker=1") as info:
             DaskInfluenceCalculator(p["infl"], TorchNumpyConverter(), client)
@@ -399,7 +401,9 @@ def test_thread_safety_check_and_closed_client(problem):
             warnings.simplefilter("error")
             DaskInfluenceCalculator(SpyModel(p["infl"], thread_safe=True), TorchNumpyConverter(), client)
 
-    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
+    with Client(
+        processes=False, n_workers=1, threads_per_worker=1, dashboard_address="127.0.0.1:0"
+    ) as client:
         calc = DaskInfluenceCalculator(p["infl"], TorchNumpyConverter(), client)
         xt, yt = _dask(p["x_te"], 4), _dask(p["y_te"], 4)
         np.testing.assert_allclose(

@@ -2,8 +2,8 @@
 (2 workers x 1 thread), a scheduler and two workers started with the `dask` command
 and reached by address, and worker processes killed with SIGKILL mid-computation.
 
-Results are compared with the in-memory model (float32, rtol 1e-5). Everything
-binds to 127.0.0.1 and no dashboard is started.
+Results are compared with the in-memory model (float32, rtol 1e-5). Schedulers,
+workers and their HTTP servers bind to 127.0.0.1, on free ports.
 """
 
 from __future__ import annotations
@@ -66,12 +66,22 @@ def client():
     """2 worker processes x 1 thread. They fork from a multiprocessing forkserver that has
     imported torch and infscale once: otherwise every worker (and every replacement of a
     killed one) spends seconds of CPU importing them, which dominates these tests."""
-    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+    with (
+        dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}),
+        pytest.MonkeyPatch.context() as env,
+    ):
+        # one torch thread per worker: the forkserver imports torch before the nanny could set this
+        env.setenv("OMP_NUM_THREADS", "1")
+        env.setenv("MKL_NUM_THREADS", "1")
         context = get_mp_context()  # distributed sets its own preload list here; extend it
         context.set_forkserver_preload(["distributed", "numpy", "torch", "torch._dynamo", "infscale.torch"])
         with (
             LocalCluster(
-                n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+                n_workers=2,
+                threads_per_worker=1,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address="127.0.0.1:0",
             ) as cluster,
             Client(cluster) as client,
         ):
@@ -98,6 +108,7 @@ def check_against_in_memory(client, problem, train_chunk: int, test_chunk: int) 
 
 def test_local_cluster_of_processes_matches_in_memory_and_stores_to_zarr(client, problem, tmp_path):
     assert sorted(client.nthreads().values()) == [1, 1]
+    assert set(client.run(torch.get_num_threads).values()) == {1}
     pids = set(client.run(os.getpid).values())
     assert len(pids) == 2 and os.getpid() not in pids  # two separate worker processes
     check_against_in_memory(client, problem, train_chunk=7, test_chunk=5)
@@ -161,8 +172,8 @@ def test_cluster_started_from_the_command_line(problem, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     processes = [
         subprocess.Popen(
-            [dask_command, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-             "--scheduler-file", str(scheduler_file)],
+            [dask_command, "scheduler", "--host", "127.0.0.1", "--port", "0",
+             "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(scheduler_file)],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )
     ]  # fmt: skip
@@ -180,7 +191,7 @@ def test_cluster_started_from_the_command_line(problem, tmp_path):
             processes.append(
                 subprocess.Popen(
                     [dask_command, "worker", address, "--nthreads", "1", "--host", "127.0.0.1",
-                     "--no-dashboard", "--no-nanny", "--name", name],
+                     "--dashboard-address", "127.0.0.1:0", "--no-nanny", "--name", name],
                     stdout=log, stderr=subprocess.STDOUT, env=env,
                 )
             )  # fmt: skip
