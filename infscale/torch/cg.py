@@ -17,14 +17,35 @@ __all__ = ["CgInfluence", "block_cg"]
 
 
 def _orthonormal_basis(M: Tensor, rtol: float) -> Tensor:
-    """An orthonormal basis of the column span of M (p, k), dropping directions whose
-    singular value is below rtol times the largest."""
-    if M.shape[1] == 0:
+    """An orthonormal basis of the row span of M (k, p), as rows, dropping the rows
+    that are (numerically) linear combinations of the earlier ones.
+
+    Householder QR (cheap): the basis is orthonormal to working precision whatever M's
+    conditioning, so the projected system P(A + λI)Pᵀ stays as well conditioned as
+    A + λI. Plain QR does not reveal rank, so when some |R_ii| falls below rtol times the
+    largest (M is numerically rank deficient) the basis comes from an SVD instead,
+    keeping the singular directions above rtol times the largest.
+    """
+    if M.shape[0] == 0:
         return M
-    U, s, _ = torch.linalg.svd(M, full_matrices=False)
-    if s.numel() == 0 or s[0] == 0:
-        return M[:, :0]
-    return U[:, s > rtol * s[0]]
+    Q, R = torch.linalg.qr(M.T)
+    d = R.diagonal().abs()
+    top = d.max()
+    if not top > 0:
+        return M[:0]
+    if bool((d > rtol * top).all()):
+        return Q.T.contiguous()
+    U, s, _ = torch.linalg.svd(M.T, full_matrices=False)
+    return U[:, s > rtol * s[0]].T.contiguous()
+
+
+def _projected_solver(PQ: Tensor):
+    """A function M ↦ PQ⁻¹ M for the symmetric projected matrix PQ: Cholesky when it is
+    positive definite (always, for A + λI positive definite), LU otherwise."""
+    L, info = torch.linalg.cholesky_ex(PQ)
+    if info.item() == 0:
+        return lambda M: torch.cholesky_solve(M, L)
+    return lambda M: torch.linalg.solve(PQ, M)
 
 
 def block_cg(
@@ -36,48 +57,59 @@ def block_cg(
     maxiter: int,
     preconditioner: Preconditioner | None = None,
 ):
-    """Solve (A + λI) X = B for all rows of B (k, p) at once with breakdown-free block CG.
+    """Solve (A + λI) x_i = b_i for all rows b_i of B (k, p) at once with breakdown-free block CG.
 
     Each iteration makes one product of A with a block of at most k search
     directions (one pass over the training data for all right-hand sides);
-    columns that have converged stop contributing new directions, and search
-    directions that become linearly dependent are dropped (Ji & Li 2017).
+    right-hand sides that have converged stop contributing new directions, and
+    search directions that become linearly dependent are dropped (Ji & Li 2017).
+    The search directions are kept orthonormal, so the small projected systems
+    are solved by Cholesky. Everything is stored row-wise (one row per
+    right-hand side or direction), the layout ``matmat`` takes.
+
+    Args:
+        matmat: V (m, p) → V Aᵀ, A applied to each row.
 
     Returns (X of shape (k, p), relative residuals (k,), converged mask (k,), iterations).
     """
-    B = rhs.T  # (p, k)
-    X = torch.zeros_like(B)
-    b_norm = torch.linalg.norm(B, dim=0)
+    X = torch.zeros_like(rhs)
+    b_norm = torch.linalg.norm(rhs, dim=1)
     tol = torch.maximum(rtol * b_norm, torch.full_like(b_norm, atol))
-    R = B.clone()
-    done = torch.linalg.norm(R, dim=0) <= tol
-
-    def apply(P):
-        return matmat(P.T).T + regularization * P
+    R = rhs.clone()
+    done = b_norm <= tol
 
     def precondition(R):
-        return preconditioner.solve(R.T).T if preconditioner is not None else R
+        return preconditioner.solve(R) if preconditioner is not None else R
 
-    orth_rtol = torch.finfo(B.dtype).eps * 10
+    orth_rtol = torch.finfo(rhs.dtype).eps * 10
     it = 0
     if not bool(done.all()):
-        P = _orthonormal_basis(precondition(R[:, ~done]), orth_rtol)
-        while it < maxiter and P.shape[1] > 0:
+        active = (~done).nonzero().squeeze(1)
+        all_active = active.numel() == R.shape[0]
+        P = _orthonormal_basis(precondition(R if all_active else R[active]), orth_rtol)
+        while it < maxiter and P.shape[0] > 0:
             it += 1
-            Q = apply(P)
-            PQ = P.T @ Q
-            PQ = (PQ + PQ.T) / 2
-            alpha = torch.linalg.solve(PQ, P.T @ R)
-            X += P @ alpha
-            R -= Q @ alpha
-            done = torch.linalg.norm(R, dim=0) <= tol
+            Q = matmat(P) + regularization * P
+            PQ = P @ Q.T
+            solve = _projected_solver((PQ + PQ.T) / 2)
+            R_a = R if all_active else R[active]
+            alpha = solve(P @ R_a.T)  # (m, k_active)
+            if all_active:
+                X.addmm_(alpha.T, P)
+                R.addmm_(alpha.T, Q, alpha=-1)
+            else:
+                X.index_add_(0, active, alpha.T @ P)
+                R.index_add_(0, active, alpha.T @ Q, alpha=-1)
+            done = torch.linalg.norm(R, dim=1) <= tol
             if bool(done.all()):
                 break
-            Z = precondition(R[:, ~done])
-            beta = -torch.linalg.solve(PQ, Q.T @ Z)
-            P = _orthonormal_basis(Z + P @ beta, orth_rtol)
-    residual = torch.linalg.norm(R, dim=0) / torch.where(b_norm > 0, b_norm, torch.ones_like(b_norm))
-    return X.T, residual, done, it
+            active = (~done).nonzero().squeeze(1)
+            all_active = active.numel() == R.shape[0]
+            Z = precondition(R if all_active else R[active])
+            beta = solve(Q @ Z.T)  # (m, k_active)
+            P = _orthonormal_basis(torch.addmm(Z, beta.T, P, alpha=-1), orth_rtol)
+    residual = torch.linalg.norm(R, dim=1) / torch.where(b_norm > 0, b_norm, torch.ones_like(b_norm))
+    return X, residual, done, it
 
 
 class CgInfluence(TorchInfluenceFunctionModel):

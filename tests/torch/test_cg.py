@@ -1,0 +1,140 @@
+"""CgInfluence (block CG) against closed forms and DirectInfluence; preconditioners; warnings."""
+
+import re
+import warnings
+
+import pytest
+import torch
+
+from infscale.torch import (
+    CgInfluence,
+    DirectInfluence,
+    JacobiPreconditioner,
+    NystroemPreconditioner,
+    SecondOrderMode,
+)
+from infscale.torch.cg import block_cg
+
+LAM = 1e-3
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_linear_regression_closed_form(linreg, ground_truth, symmetric):
+    p = linreg
+    closed = ground_truth.linreg(p, LAM)
+    model = CgInfluence(p.model, p.loss, LAM, rtol=1e-12, atol=0.0).fit(p.loader(5))
+    x, y = (p.x_test, p.y_test) if symmetric else (p.x, p.y)
+    kwargs = {} if symmetric else {"x": x, "y": y}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # converges: no warning
+        up = model.influences(p.x_test, p.y_test, **kwargs)
+        pert = model.influences(p.x_test, p.y_test, mode="perturbation", **kwargs)
+    assert ground_truth.relerr(up, closed.factors @ closed.gradients(x, y).T) < 1e-6
+    assert ground_truth.relerr(pert, closed.perturbation(closed.factors, x, y)) < 1e-6
+    own = torch.linalg.solve(closed.solve, closed.gradients(x, y).T).T
+    assert ground_truth.relerr(model.self_influences(x, y), (own * closed.gradients(x, y)).sum(1)) < 1e-6
+
+
+def _small_lambda(H):
+    evals = torch.linalg.eigvalsh(H)
+    lam = 1e-3 * evals[-1].item() + max(0.0, -evals[0].item())
+    assert lam < 0.01 * evals[-1].item()
+    return lam
+
+
+def test_mlp_cg_against_direct(mlp, ground_truth):
+    p = mlp
+    lam = _small_lambda(ground_truth.hessian(p.model, p.loss, p.x, p.y))
+    direct = DirectInfluence(p.model, p.loss, lam).fit(p.loader(13))
+    cg = CgInfluence(p.model, p.loss, lam, rtol=1e-10, atol=0.0).fit(p.loader(13))
+    expected = direct.influences(p.x_test, p.y_test, p.x, p.y)
+    assert ground_truth.relerr(cg.influences(p.x_test, p.y_test, p.x, p.y), expected) < 1e-5
+    g_test = ground_truth.gradients(p.model, p.loss, p.x_test, p.y_test)
+    g_train = ground_truth.gradients(p.model, p.loss, p.x, p.y)
+    assert ground_truth.relerr(expected, g_test @ g_train.T / lam) > 0.5  # curvature matters
+    # more right-hand sides than a CG pass would need: the training set against itself
+    assert ground_truth.relerr(cg.self_influences(p.x, p.y), direct.self_influences(p.x, p.y)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "preconditioner", [JacobiPreconditioner(), JacobiPreconditioner(3), NystroemPreconditioner(rank=8)]
+)
+def test_preconditioners_converge_to_the_same_answer(mlp, ground_truth, preconditioner):
+    p = mlp
+    lam = 0.01
+    direct = DirectInfluence(p.model, p.loss, lam, second_order_mode="gauss_newton").fit(p.loader())
+    cg = CgInfluence(
+        p.model,
+        p.loss,
+        lam,
+        rtol=1e-10,
+        atol=0.0,
+        preconditioner=preconditioner,
+        second_order_mode="gauss_newton",
+    ).fit(p.loader(11))
+    got = cg.influences(p.x_test, p.y_test, p.x, p.y)
+    assert ground_truth.relerr(got, direct.influences(p.x_test, p.y_test, p.x, p.y)) < 1e-6
+
+
+def test_gauss_newton_against_explicit(untrained_mlp, untrained_mlp_curvature, ground_truth):
+    p = untrained_mlp
+    G = untrained_mlp_curvature["gauss_newton"]
+    cg = CgInfluence(
+        p.model, p.loss, 1e-2, rtol=1e-10, atol=0.0, second_order_mode=SecondOrderMode.GAUSS_NEWTON
+    )
+    cg.fit(p.loader(8))
+    g_test = ground_truth.gradients(p.model, p.loss, p.x_test, p.y_test)
+    g_train = ground_truth.gradients(p.model, p.loss, p.x, p.y)
+    expected = torch.linalg.solve(G + 1e-2 * torch.eye(G.shape[0], dtype=G.dtype), g_test.T).T @ g_train.T
+    assert ground_truth.relerr(cg.influences(p.x_test, p.y_test, p.x, p.y), expected) < 1e-6
+
+
+def test_non_convergence_warning(mlp):
+    p = mlp
+    cg = CgInfluence(p.model, p.loss, 1e-4, rtol=1e-12, atol=0.0, maxiter=1).fit(p.loader())
+    with pytest.warns(RuntimeWarning) as record:
+        cg.influences(p.x_test[:3], p.y_test[:3])
+    message = str(record[0].message)
+    assert re.search(r"3 of 3 right-hand sides of block 'model' missed the tolerance", message)
+    assert "after 1 iterations" in message
+    worst = float(re.search(r"worst relative residual (\S+)\.", message).group(1))
+    assert 1e-12 < worst < 1
+    for advice in ("maxiter", "hessian_regularization", "rtol", "NystroemPreconditioner"):
+        assert advice in message
+
+
+def test_with_regularization_equals_refit(mlp, ground_truth):
+    p = mlp
+    cg = CgInfluence(p.model, p.loss, 0.05, rtol=1e-10, atol=0.0, preconditioner=NystroemPreconditioner(5))
+    cg.fit(p.loader())
+    swept = cg.with_regularization(0.2)
+    refit = CgInfluence(p.model, p.loss, 0.2, rtol=1e-10, atol=0.0).fit(p.loader())
+    got, expected = swept.influences(p.x_test, p.y_test), refit.influences(p.x_test, p.y_test)
+    assert ground_truth.relerr(got, expected) < 1e-8
+    assert cg.regularization["model"] == 0.05
+
+
+def test_block_cg_on_an_explicit_matrix():
+    """Many right-hand sides, some zero, some equal (linearly dependent), float64."""
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(30, 30, generator=g, dtype=torch.float64))
+    A = Q @ torch.diag(torch.logspace(-3, 1, 30, dtype=torch.float64)) @ Q.T
+    B = torch.randn(12, 30, generator=g, dtype=torch.float64)
+    B[3] = 0.0
+    B[5] = 2 * B[4]
+    X, residual, done, iterations = block_cg(lambda V: V @ A, B, 0.01, 1e-11, 0.0, 100)
+    expected = torch.linalg.solve(A + 0.01 * torch.eye(30, dtype=torch.float64), B.T).T
+    assert bool(done.all()) and iterations <= 30
+    assert float((X - expected).norm() / expected.norm()) < 1e-10
+    assert torch.equal(X[3], torch.zeros(30, dtype=torch.float64))
+    assert float(residual.max()) <= 1e-11
+
+
+def test_bad_arguments(mlp):
+    p = mlp
+    with pytest.raises(ValueError, match="rtol must be > 0"):
+        CgInfluence(p.model, p.loss, rtol=0.0)
+    with pytest.raises(ValueError, match="maxiter must be ≥ 1"):
+        CgInfluence(p.model, p.loss, maxiter=0)
+    with pytest.raises(TypeError, match="preconditioner must be"):
+        CgInfluence(p.model, p.loss, preconditioner="jacobi")
