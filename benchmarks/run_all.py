@@ -102,7 +102,7 @@ SIZES = {
         run_timeout_s=120,
     ),
     "quick": dict(
-        budget_s=420,
+        budget_s=600,
         digits_repeats=1,
         wide_epochs=4,
         wide_n_train=2_000,
@@ -614,7 +614,10 @@ class Suite:
                 pred = E.predicted_loo_changes(values, n, removed)
                 r, rho = E.pearson(pred, actual), E.spearman(pred, actual)
                 slope = float((pred * actual).sum() / (pred * pred).sum())
-                rows.append([name, LABEL[method], fmt(r, 4), fmt(rho, 4), fmt(slope)])
+                label = (
+                    LABEL[method].replace("r64", f"r{params['rank']}") if "rank" in params else LABEL[method]
+                )
+                rows.append([name, label, fmt(r, 4), fmt(rho, 4), fmt(slope)])
                 scatter[(name, method)] = (pred, actual, r)
             rows.append([name, LABEL["ekfac"], "not applicable: one-logit binary cross-entropy", "", ""])
             rows.append([name, f"({len(removed)} of {n} points retrained in {t_loo:.1f} s)", "", "", ""])
@@ -660,7 +663,7 @@ class Suite:
         axes = np.atleast_1d(axes)
         for ax, name in zip(axes, names):
             lim = 0.0
-            for method in METHODS:
+            for method in reversed(METHODS):  # Direct drawn last, on top
                 if (name, method) not in scatter:
                     continue
                 pred, actual, r = scatter[(name, method)]
@@ -671,10 +674,11 @@ class Suite:
                     pred.ravel()[pick],
                     s=3,
                     alpha=0.5,
-                    label=f"{LABEL[method]} (r={r:.3f})",
+                    label=f"{LABEL[method].split(' r')[0]} (r={r:.3f})",
                 )
                 lim = max(lim, np.abs(actual).max())
             ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.8)
+            ax.set_ylim(-1.5 * lim, 1.5 * lim)  # far-off approximations are clipped, not rescaling the plot
             ax.set_xlabel("actual change in test loss (leave-one-out retraining)")
             ax.set_ylabel("predicted: influence / n")
             ax.set_title(name)
