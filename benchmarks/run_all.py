@@ -126,7 +126,7 @@ SIZES = {
 }
 DIGITS_REG = 0.01  # H + 0.01 I is positive definite for the digits MLP (λ_min(H) ≈ −0.002)
 WIDE_REG = 0.1  # Gauss-Newton on the wide MLP
-LOO_REG = 0.01
+LOO_REG = 0.1
 
 
 def digits_settings(method: str) -> dict:
@@ -620,6 +620,28 @@ class Suite:
                 rows.append([name, label, fmt(r, 4), fmt(rho, 4), fmt(slope)])
                 scatter[(name, method)] = (pred, actual, r)
             rows.append([name, LABEL["ekfac"], "not applicable: one-logit binary cross-entropy", "", ""])
+            if time.perf_counter() < deadline:  # weaker regularization: first-order error grows
+                weak = LOO_REG / 10
+                th_w = E.newton_fit(link, theta, x_tr, y_tr, weak)
+                m_w = torch.nn.Linear(d, 1).double()
+                with torch.no_grad():
+                    m_w.weight.copy_(th_w[:-1].unsqueeze(0))
+                    m_w.bias.copy_(th_w[-1:])
+                act_w = E.loo_test_loss_changes(link, th_w, x_tr, y_tr, x_te, y_te, weak, removed)
+                infl, _ = child.make_method("infscale", "direct", m_w, W.bce_loss, {"regularization": weak})
+                pred = E.predicted_loo_changes(
+                    infl.fit(loader).influences(x_te, y_te, x_tr, y_tr).detach().numpy(), n, removed
+                )
+                slope = float((pred * act_w).sum() / (pred * pred).sum())
+                rows.append(
+                    [
+                        name,
+                        f"Direct, λ = {weak:g}",
+                        fmt(E.pearson(pred, act_w), 4),
+                        fmt(E.spearman(pred, act_w), 4),
+                        fmt(slope),
+                    ]
+                )
             rows.append([name, f"({len(removed)} of {n} points retrained in {t_loo:.1f} s)", "", "", ""])
         self._loo_figure(scatter)
         self.md += [
@@ -638,7 +660,10 @@ class Suite:
             table(["dataset", "method", "Pearson r", "Spearman ρ", "slope"], rows),
             "",
             "Arnoldi and Nyström use rank min(16, d/2) here (d + 1 = 31 and 65 parameters); LiSSA "
-            "maxiter 500, scale 2 (slow to converge at this λ). Expected: Pearson ≥ 0.98 for Direct and CG.",
+            "maxiter 500, scale 2. Expected: Pearson ≥ 0.98 for Direct and CG. The row 'Direct, λ = 0.01' "
+            "shows the same model with ten times weaker regularization: the ranking stays right (Spearman), "
+            "but high-leverage points move the test loss more than the first-order prediction (slope > 1), "
+            "so Pearson drops.",
             "",
             "![LOO scatter](figures/loo.png)",
             "",
