@@ -604,21 +604,6 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
         grads = self._collect(x, y, rotate=False, dtype=self.dtype)
         return torch.cat([self._to_flat(ly, grads[ly.block]) for ly in self.layers], dim=1)
 
-    def _train_gradients(self, x: Tensor, y: Tensor) -> Tensor:
-        # the training representation: per-sample gradients in the eigenbasis (n, p); the test
-        # factors are rotated into it in _from_gradients (rotations keep inner products)
-        rotated = self._collect(x, y, rotate=True, dtype=self.dtype)
-        return torch.cat([rotated[ly.block].flatten(1) for ly in self.layers], dim=1)
-
-    def _from_gradients(self, factors: Tensor, train_gradients: Tensor) -> Tensor:
-        parts = []
-        for ly, block in zip(self.layers, self.layout.blocks):
-            q_g, q_a = self.eigenvectors_G[ly.block], self.eigenvectors_A[ly.block]
-            fr = q_g.T @ self._to_matrix(ly, factors[:, block.slice].to(self.factor_dtype)) @ q_a
-            parts.append(fr.flatten(1))
-        rotated = torch.cat(parts, dim=1).to(self.dtype)
-        return rotated @ train_gradients.to(self.device, self.dtype).T
-
     # ------------------------------------------------------------------ fast queries (up mode)
     def _influences(self, x_test, y_test, x, y, mode, symmetric) -> Tensor:
         if mode is not InfluenceMode.Up:
