@@ -15,7 +15,7 @@ def digits_data():
     from sklearn.preprocessing import StandardScaler
 
     X, y = load_digits(return_X_y=True)
-    x_tr, x_te, y_tr, y_te = train_test_split(X, y, random_state=0)
+    x_tr, x_te, y_tr, y_te = train_test_split(X, y, test_size=0.2, random_state=0)
     scaler = StandardScaler().fit(x_tr)
     f = lambda a: torch.tensor(scaler.transform(a), dtype=torch.float32)  # noqa: E731
     return f(x_tr), torch.tensor(y_tr), f(x_te), torch.tensor(y_te)
