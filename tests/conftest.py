@@ -226,3 +226,93 @@ def untrained_mlp_curvature() -> dict[str, Tensor]:
         "hessian": explicit_hessian(p.model, p.loss, p.x, p.y),
         "gauss_newton": explicit_gauss_newton(p.model, p.loss, p.x, p.y),
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# The small classifier shared by the approximate methods' tests (Arnoldi, LiSSA, Nyström, inverse
+# harmonic mean): one training run and one set of explicit float64 curvature matrices per session.
+
+
+def explicit_loss_gradients(model: nn.Module, loss, x: Tensor, y: Tensor) -> Tensor:
+    """Per-sample gradients (n, p) as one vectorized torch.autograd.functional.jacobian of the
+    unreduced loss (``loss`` must accept ``reduction="none"``)."""
+    f, theta0 = flat_loss_fn(model, lambda out, target: loss(out, target, reduction="none"), x, y)
+    return jacobian(f, theta0, vectorize=True)
+
+
+class SmallClassifier:
+    """A 3-4-3 tanh MLP (31 parameters) trained by plain gradient descent on cross-entropy (float64),
+    with 30 training and 10 test points. Its Hessian has eigenvalues from about -1e-2 to 0.7 (indefinite),
+    its Gauss-Newton matrix spans about 1e-4 … 0.6. Unpacks as (model, x, y, x_test, y_test).
+
+    The explicit curvature and per-sample gradients (torch.autograd.functional, independent of the
+    library's products) are computed on first use and cached: treat them as read-only."""
+
+    n_parameters = 31
+
+    def __init__(self, n: int = 40, n_train: int = 30, seed: int = 0, steps: int = 300):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, 3, generator=g, dtype=torch.float64)
+        y = (x[:, 0] + 0.5 * x[:, 1] > 0).long() + (x[:, 2] > 0.8).long()
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+        params = list(model.parameters())
+        for _ in range(steps):  # plain gradient descent (torch.optim imports are slow)
+            grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params)
+            with torch.no_grad():
+                for p, dp in zip(params, grads):
+                    p -= 0.5 * dp
+        self.model, self.loss = model, nn.functional.cross_entropy
+        self.x, self.y, self.x_test, self.y_test = x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+        self._cache: dict[str, Tensor] = {}
+
+    def __iter__(self):
+        return iter((self.model, self.x, self.y, self.x_test, self.y_test))
+
+    def __getitem__(self, i: int):
+        return tuple(self)[i]
+
+    def gradients(self, x: Tensor, y: Tensor) -> Tensor:
+        """Explicit per-sample loss gradients (n, 31) at (x, y)."""
+        return explicit_loss_gradients(self.model, self.loss, x, y)
+
+    def _cached(self, key: str, compute) -> Tensor:
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
+
+    @property
+    def train_gradients(self) -> Tensor:
+        return self._cached("train_gradients", lambda: self.gradients(self.x, self.y))
+
+    @property
+    def test_gradients(self) -> Tensor:
+        return self._cached("test_gradients", lambda: self.gradients(self.x_test, self.y_test))
+
+    def curvature(self, mode: str) -> Tensor:
+        """The explicit Hessian or Gauss-Newton matrix (31, 31) of the mean training loss."""
+        if mode == "hessian":
+            return self._cached(mode, lambda: explicit_hessian(self.model, self.loss, self.x, self.y))
+        if mode == "gauss_newton":
+            return self._cached(mode, lambda: explicit_gauss_newton(self.model, self.loss, self.x, self.y))
+        raise ValueError(f"mode must be 'hessian' or 'gauss_newton'; got {mode!r}.")
+
+    def exact_influences(self, mode: str, regularization) -> Tensor:
+        """G_test (C + Λ)⁻¹ G_trainᵀ with C the explicit curvature and Λ the block-diagonal
+        regularization: a float λ for the whole model, or a dict over the layers {"0": λ0, "2": λ2}
+        (a layer-wise model keeps only the diagonal blocks of C)."""
+        C = self.curvature(mode)
+        if isinstance(regularization, dict):
+            A = torch.zeros_like(C)
+            for sl, lam in ((slice(0, 16), regularization["0"]), (slice(16, 31), regularization["2"])):
+                A[sl, sl] = C[sl, sl] + lam * torch.eye(sl.stop - sl.start, dtype=C.dtype)
+        else:
+            A = C + regularization * torch.eye(C.shape[0], dtype=C.dtype)
+        return self.test_gradients @ torch.linalg.solve(A, self.train_gradients.T)
+
+
+@pytest.fixture(scope="session")
+def small_classifier() -> SmallClassifier:
+    """The GD-trained 3-4-3 tanh MLP with 30 training and 10 test points (see ``SmallClassifier``);
+    shared by the session: tests must not change its parameters."""
+    return SmallClassifier()

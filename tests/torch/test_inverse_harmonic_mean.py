@@ -2,59 +2,11 @@
 
 import pytest
 import torch
-from torch import nn
-from torch.autograd.functional import jacobian
+from helpers import CE, loader, rel
 
 from infscale.torch import BlockMode, InverseHarmonicMeanInfluence
 
 LAM = 1e-2
-STEPS = 300
-CE = nn.functional.cross_entropy
-
-
-def make_problem(n=40, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
-    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long() + (x[:, 2] > 0.8).long()
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-    params = list(model.parameters())
-    for _ in range(STEPS):  # plain gradient descent (torch.optim imports are slow)
-        grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params)
-        with torch.no_grad():
-            for p, g in zip(params, grads):
-                p -= 0.5 * g
-    return model, x, y
-
-
-def forward(theta, x):
-    """The same MLP written out on a flat parameter vector (layout order)."""
-    W1, b1 = theta[:12].reshape(4, 3), theta[12:16]
-    W2, b2 = theta[16:28].reshape(3, 4), theta[28:31]
-    return torch.tanh(x @ W1.T + b1) @ W2.T + b2
-
-
-def gradients(model, x, y):
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    return jacobian(lambda t: nn.functional.cross_entropy(forward(t, x), y, reduction="none"), theta)
-
-
-def loader(x, y, sizes):
-    out, s = [], 0
-    for b in sizes:
-        out.append((x[s : s + b], y[s : s + b]))
-        s += b
-    return out
-
-
-@pytest.fixture(scope="module")
-def problem():
-    model, x, y = make_problem()
-    return model, x[:30], y[:30], x[30:], y[30:]
-
-
-def rel(a, b):
-    return (torch.linalg.norm(a - b) / torch.linalg.norm(b)).item()
 
 
 def inverse_harmonic_mean(G, blocks):
@@ -68,60 +20,60 @@ def inverse_harmonic_mean(G, blocks):
     return P / G.shape[0]
 
 
-def test_full_block_against_explicit_inverse_sum(problem):
-    model, x, y, xt, yt = problem
+def test_full_block_against_explicit_inverse_sum(small_classifier):
+    model, x, y, xt, yt = small_classifier
     ihm = InverseHarmonicMeanInfluence(model, CE, LAM).fit(loader(x, y, [13, 10, 7]))
-    G_train = gradients(model, x, y)
+    G_train = small_classifier.train_gradients
     P = inverse_harmonic_mean(G_train, [(slice(0, 31), LAM)])
-    exact = gradients(model, xt, yt) @ P @ G_train.T
+    exact = small_classifier.test_gradients @ P @ G_train.T
     approx = ihm.influences(xt, yt, x, y)
     assert approx.shape == (10, 30)
     assert rel(approx, exact) < 1e-10
     assert ihm.stores_gradients
     factors = ihm.influence_factors(xt, yt)
-    assert rel(factors, gradients(model, xt, yt) @ P) < 1e-10
+    assert rel(factors, small_classifier.test_gradients @ P) < 1e-10
     # queries on other training points use the fitted sum, not the query points
     assert rel(ihm.influences(xt, yt, x[:4], y[:4]), exact[:, :4]) < 1e-10
 
 
-def test_layer_wise_dict_regularization_and_recomputation(problem):
-    model, x, y, xt, yt = problem
+def test_layer_wise_dict_regularization_and_recomputation(small_classifier):
+    model, x, y, xt, yt = small_classifier
     reg = {"0": 2e-2, "2": 5e-3}
     data = loader(x, y, [4, 19, 7])
     kw = dict(block_structure=BlockMode.LAYER_WISE)
     stored = InverseHarmonicMeanInfluence(model, CE, reg, **kw).fit(data)
     recomputed = InverseHarmonicMeanInfluence(model, CE, reg, max_stored_gradient_bytes=0, **kw).fit(data)
     assert stored.stores_gradients and not recomputed.stores_gradients
-    G_train = gradients(model, x, y)
+    G_train = small_classifier.train_gradients
     P = inverse_harmonic_mean(G_train, [(slice(0, 16), reg["0"]), (slice(16, 31), reg["2"])])
-    exact = gradients(model, xt, yt) @ P @ G_train.T
+    exact = small_classifier.test_gradients @ P @ G_train.T
     assert rel(stored.influences(xt, yt, x, y), exact) < 1e-10
     assert rel(recomputed.influences(xt, yt, x, y), exact) < 1e-10
     by_block = recomputed.influences_by_block(xt, yt, x, y)
     assert rel(by_block["0"] + by_block["2"], exact) < 1e-10
 
 
-def test_perturbation_mode_against_finite_differences(problem):
-    model, x, y, xt, yt = problem
+def test_perturbation_mode_against_finite_differences(small_classifier):
+    model, x, y, xt, yt = small_classifier
     ihm = InverseHarmonicMeanInfluence(model, CE, LAM).fit(loader(x, y, [16, 14]))
     pert = ihm.influences(xt[:3], yt[:3], x[:2], y[:2], mode="perturbation")
     assert pert.shape == (3, 2, 3)
-    factors = gradients(model, xt[:3], yt[:3]) @ inverse_harmonic_mean(
-        gradients(model, x, y), [(slice(0, 31), LAM)]
+    factors = small_classifier.gradients(xt[:3], yt[:3]) @ inverse_harmonic_mean(
+        small_classifier.train_gradients, [(slice(0, 31), LAM)]
     )
     h = 1e-5
     for j in range(2):
         for d in range(3):
             e = torch.zeros(1, 3, dtype=torch.float64)
             e[0, d] = h
-            up = factors @ gradients(model, x[j : j + 1] + e, y[j : j + 1]).T
-            down = factors @ gradients(model, x[j : j + 1] - e, y[j : j + 1]).T
+            up = factors @ small_classifier.gradients(x[j : j + 1] + e, y[j : j + 1]).T
+            down = factors @ small_classifier.gradients(x[j : j + 1] - e, y[j : j + 1]).T
             fd = ((up - down) / (2 * h))[:, 0]
             assert torch.allclose(pert[:, j, d], fd, rtol=1e-5, atol=1e-8)
 
 
-def test_with_regularization_and_self_influences(problem):
-    model, x, y, xt, yt = problem
+def test_with_regularization_and_self_influences(small_classifier):
+    model, x, y, xt, yt = small_classifier
     base = InverseHarmonicMeanInfluence(model, CE, LAM).fit(loader(x, y, [30]))
     swept = base.with_regularization(0.1)
     fresh = InverseHarmonicMeanInfluence(model, CE, 0.1).fit(loader(x, y, [30]))
@@ -131,8 +83,8 @@ def test_with_regularization_and_self_influences(problem):
     assert "second_order_mode" not in base.hyperparameters()
 
 
-def test_bad_arguments(problem):
-    model = problem[0]
+def test_bad_arguments(small_classifier):
+    model = small_classifier[0]
     with pytest.raises(ValueError, match="hessian_regularization > 0"):
         InverseHarmonicMeanInfluence(model, CE, 0.0)
     with pytest.raises(ValueError, match="hessian_regularization > 0"):
@@ -141,4 +93,4 @@ def test_bad_arguments(problem):
         InverseHarmonicMeanInfluence(model, CE, {"nope": 1e-2})
     ihm = InverseHarmonicMeanInfluence(model, CE, LAM)
     with pytest.raises(ValueError, match="before fit"):
-        ihm.influences(problem[3], problem[4])
+        ihm.influences(small_classifier[3], small_classifier[4])

@@ -2,81 +2,24 @@
 
 import pytest
 import torch
+from helpers import CE, loader, rel
 from torch import nn
 from torch.autograd.functional import hessian, jacobian
 
 from infscale.torch import BlockMode, DirectInfluence, NystroemSketchInfluence
 
 LAM = 1e-3  # the Gauss-Newton spectrum spans about 1e-4 … 0.6
-STEPS = 300
-CE = nn.functional.cross_entropy
 
 
-def make_problem(n=40, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, generator=g, dtype=torch.float64)
-    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long() + (x[:, 2] > 0.8).long()
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-    params = list(model.parameters())
-    for _ in range(STEPS):  # plain gradient descent (torch.optim imports are slow)
-        grads = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), params)
-        with torch.no_grad():
-            for p, g in zip(params, grads):
-                p -= 0.5 * g
-    return model, x, y
-
-
-def forward(theta, x):
-    """The same MLP written out on a flat parameter vector (layout order)."""
-    W1, b1 = theta[:12].reshape(4, 3), theta[12:16]
-    W2, b2 = theta[16:28].reshape(3, 4), theta[28:31]
-    return torch.tanh(x @ W1.T + b1) @ W2.T + b2
-
-
-def explicit(model, x, y, mode):
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    if mode == "hessian":
-        return hessian(lambda t: nn.functional.cross_entropy(forward(t, x), y), theta)
-    J = jacobian(lambda t: forward(t, x), theta)  # (n, c, p)
-    s = torch.softmax(forward(theta, x), dim=1)
-    H_out = torch.diag_embed(s) - s[:, :, None] * s[:, None, :]
-    return torch.einsum("nci,ncd,ndj->ij", J, H_out, J) / len(x)
-
-
-def gradients(model, x, y):
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    return jacobian(lambda t: nn.functional.cross_entropy(forward(t, x), y, reduction="none"), theta)
-
-
-def loader(x, y, sizes):
-    out, s = [], 0
-    for b in sizes:
-        out.append((x[s : s + b], y[s : s + b]))
-        s += b
-    return out
-
-
-@pytest.fixture(scope="module")
-def problem():
-    model, x, y = make_problem()
-    return model, x[:30], y[:30], x[30:], y[30:]
-
-
-def rel(a, b):
-    return (torch.linalg.norm(a - b) / torch.linalg.norm(b)).item()
-
-
-def test_full_rank_gauss_newton_equals_direct_and_explicit(problem):
-    model, x, y, xt, yt = problem
+def test_full_rank_gauss_newton_equals_direct_and_explicit(small_classifier):
+    model, x, y, xt, yt = small_classifier
     data = loader(x, y, [13, 10, 7])
     kw = dict(second_order_mode="gauss_newton")
     nys = NystroemSketchInfluence(model, CE, LAM, rank=31, **kw).fit(data)
     direct = DirectInfluence(model, CE, LAM, **kw).fit(data)
     approx = nys.influences(xt, yt, x, y)
     assert rel(approx, direct.influences(xt, yt, x, y)) < 1e-6
-    A = explicit(model, x, y, "gauss_newton") + LAM * torch.eye(31, dtype=torch.float64)
-    exact = gradients(model, xt, yt) @ torch.linalg.solve(A, gradients(model, x, y).T)
+    exact = small_classifier.exact_influences("gauss_newton", LAM)
     assert rel(approx, exact) < 1e-6
     pert = nys.influences(xt[:2], yt[:2], x[:3], y[:3], mode="perturbation")
     assert rel(pert, direct.influences(xt[:2], yt[:2], x[:3], y[:3], mode="perturbation")) < 1e-6
@@ -100,14 +43,14 @@ def test_full_rank_hessian_of_a_convex_model_equals_direct():
 
 
 @pytest.mark.parametrize("rank", [8, 16])
-def test_rank_k_between_best_rank_k_and_best_rank_half_k(problem, rank):
+def test_rank_k_between_best_rank_k_and_best_rank_half_k(small_classifier, rank):
     # the randomized sketch cannot beat the exact top-k eigenpairs (Woodbury form), and a
     # sketch of size k is better than the exact top-k/2 ones on this decaying spectrum
-    model, x, y, xt, yt = problem
+    model, x, y, xt, yt = small_classifier
     lam = 1e-2
-    H = explicit(model, x, y, "gauss_newton")
+    H = small_classifier.curvature("gauss_newton")
     evals, evecs = torch.linalg.eigh(H)
-    G_test, G_train = gradients(model, xt, yt), gradients(model, x, y)
+    G_test, G_train = small_classifier.test_gradients, small_classifier.train_gradients
     eye = torch.eye(31, dtype=torch.float64)
     exact = G_test @ torch.linalg.solve(H + lam * eye, G_train.T)
 
@@ -124,24 +67,20 @@ def test_rank_k_between_best_rank_k_and_best_rank_half_k(problem, rank):
     assert bool((nys.eigenvalues["model"] <= evals.max() * (1 + 1e-9)).all())
 
 
-def test_layer_wise_dict_regularization_against_explicit_block_diagonal(problem):
-    model, x, y, xt, yt = problem
+def test_layer_wise_dict_regularization_against_explicit_block_diagonal(small_classifier):
+    model, x, y, xt, yt = small_classifier
     reg = {"0": 2e-3, "2": 5e-4}
     nys = NystroemSketchInfluence(
         model, CE, reg, rank=16, block_structure=BlockMode.LAYER_WISE, second_order_mode="gauss_newton"
     ).fit(loader(x, y, [11, 19]))
-    H = explicit(model, x, y, "gauss_newton")
-    A = torch.zeros_like(H)
-    for sl, lam in ((slice(0, 16), reg["0"]), (slice(16, 31), reg["2"])):
-        A[sl, sl] = H[sl, sl] + lam * torch.eye(sl.stop - sl.start, dtype=torch.float64)
-    exact = gradients(model, xt, yt) @ torch.linalg.solve(A, gradients(model, x, y).T)
+    exact = small_classifier.exact_influences("gauss_newton", reg)
     assert rel(nys.influences(xt, yt, x, y), exact) < 1e-6
     by_block = nys.influences_by_block(xt, yt, x, y)
     assert rel(by_block["0"] + by_block["2"], exact) < 1e-6
 
 
-def test_with_regularization_reuses_the_sketch(problem):
-    model, x, y, xt, yt = problem
+def test_with_regularization_reuses_the_sketch(small_classifier):
+    model, x, y, xt, yt = small_classifier
     kw = dict(rank=10, second_order_mode="gauss_newton", seed=5)
     base = NystroemSketchInfluence(model, CE, LAM, **kw).fit(loader(x, y, [30]))
     swept = base.with_regularization(0.05)
@@ -152,15 +91,15 @@ def test_with_regularization_reuses_the_sketch(problem):
         base.with_regularization(0.0)
 
 
-def test_indefinite_hessian_warns_and_points_to_gauss_newton(problem):
-    model, x, y, _, _ = problem  # this MLP's Hessian has eigenvalues down to about -1e-2
+def test_indefinite_hessian_warns_and_points_to_gauss_newton(small_classifier):
+    model, x, y, _, _ = small_classifier  # this MLP's Hessian has eigenvalues down to about -1e-2
     nys = NystroemSketchInfluence(model, CE, LAM, rank=31)
     with pytest.warns(RuntimeWarning, match="indefinite.*GAUSS_NEWTON"):
         nys.fit(loader(x, y, [30]))
 
 
-def test_bad_arguments(problem):
-    model = problem[0]
+def test_bad_arguments(small_classifier):
+    model = small_classifier[0]
     with pytest.raises(ValueError, match="hessian_regularization > 0"):
         NystroemSketchInfluence(model, CE, 0.0)
     with pytest.raises(ValueError, match="hessian_regularization > 0"):
