@@ -17,6 +17,7 @@ import pytest
 import torch
 import zarr
 from distributed import Client
+from helpers import flat_forward
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -64,22 +65,13 @@ def _problem():
             for param in model.parameters():
                 param -= 0.5 * (param.grad + 1e-2 * param)
 
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def unflatten(theta):
-        out, i = {}, 0
-        for n, s in zip(names, shapes):
-            out[n] = theta[i : i + s.numel()].reshape(s)
-            i += s.numel()
-        return out
+    forward, theta0 = flat_forward(model)
 
     def sample_loss(theta, xi, yi):
-        return loss(torch.func.functional_call(model, unflatten(theta), (xi[None],)), yi[None])
+        return loss(forward(theta, xi[None]), yi[None])
 
     def mean_loss(theta):
-        return loss(torch.func.functional_call(model, unflatten(theta), (x_tr,)), y_tr)
+        return loss(forward(theta, x_tr), y_tr)
 
     hessian = torch.autograd.functional.hessian(mean_loss, theta0)
     inverse = torch.linalg.inv(hessian + LAMBDA * torch.eye(len(theta0), dtype=torch.float64))

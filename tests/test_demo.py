@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 import zarr
+from helpers import flat_forward
 from PIL import Image
 from torch import nn
-from torch.func import functional_call
 
 from infscale import demo
 from infscale.cli import main
@@ -21,20 +21,10 @@ def _explicit_influences(size, seed=0):
     data = demo.load_data(size, seed)
     model, _ = demo.train_model(data, size, seed, progress=False)
     model = model.double()
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def unflatten(flat):
-        out, at = {}, 0
-        for n, s in zip(names, shapes):
-            k = int(np.prod(s))
-            out[n] = flat[at : at + k].reshape(s)
-            at += k
-        return out
+    forward, theta = flat_forward(model)
 
     def loss(flat, x, y):
-        return nn.functional.cross_entropy(functional_call(model, unflatten(flat), (x,)), y)
+        return nn.functional.cross_entropy(forward(flat, x), y)
 
     x_tr, y_tr = data.x_train.double(), data.y_train
     x_te, y_te = data.x_test.double(), data.y_test
