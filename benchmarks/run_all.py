@@ -1060,6 +1060,13 @@ class Suite:
             f"{fmt(big.get('peak_rss_mib'))} MiB, growth {growth} vs {S['ooc_small']:,} training rows."
         )
 
+    def cnn(self):
+        """Small CNN on the 8×8 digits: K-FAC and EK-FAC against Direct Gauss-Newton (benchmarks/cnn.py)."""
+        import cnn as C
+
+        log("small CNN on digits: K-FAC and EK-FAC vs Direct Gauss-Newton")
+        self.md += [C.cnn_section(quick=self.args.quick, smoke=self.args.smoke)]
+
     def speed_figure(self):
         if not self.speed_ratios:
             return
@@ -1162,6 +1169,7 @@ def main() -> int:
             suite.wide,
             suite.calculators,
             suite.out_of_core,
+            suite.cnn,
         ):
             if args.only and section.__name__ not in args.only.split(","):
                 continue
