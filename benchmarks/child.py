@@ -18,6 +18,7 @@ import inspect
 import json
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -235,6 +236,7 @@ def query(spec, lib, infl, x_tr, y_tr, x_te, y_te, bs):
         return torch.diagonal(infl.influences(x_tr, y_tr, x_tr, y_tr))
     seq_cls, dask_cls, util = calculators(lib)
     zarr_path = str(Path(spec["scratch"]) / f"{Path(spec['out']).name}.zarr")
+    shutil.rmtree(zarr_path, ignore_errors=True)  # a repeat writes the store again
     import zarr
 
     test_bs = spec.get("test_batch_size", bs)
