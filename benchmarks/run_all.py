@@ -43,7 +43,8 @@ PYDVL_REQUIREMENTS = [
     "distributed",
     "scikit-learn",
 ]
-METHODS = ["direct", "cg", "lissa", "arnoldi", "nystroem", "ihm", "ekfac"]
+# LiSSA last: the slowest method, so a section budget cuts it first
+METHODS = ["direct", "cg", "arnoldi", "nystroem", "ihm", "ekfac", "lissa"]
 LABEL = {
     "direct": "Direct",
     "cg": "CG",
