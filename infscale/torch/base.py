@@ -26,11 +26,13 @@ from .functional import (
     _Block,
     _parse_enum,
     block_regularization,
-    per_sample_gradients,
+    default_chunk_size,
+    gradient_engine,
     perturbation_influences,
     self_perturbation_influences,
     split_batch,
 )
+from .gradients import FactoredGradients, GradientEngine
 
 __all__ = ["TorchInfluenceFunctionModel"]
 
@@ -178,13 +180,38 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Iterable]):
             self.layout, self.loss, data, block, mode or self.second_order_mode, self._to_device
         )
 
+    @property
+    def _engine(self) -> GradientEngine:
+        """Per-sample gradients of every trainable parameter (built once; it remembers
+        whether the batched nn.Linear path applies to this model)."""
+        engine = self.__dict__.get("_gradient_engine")
+        if engine is None:
+            engine = gradient_engine(self.layout, self.loss)
+            self.__dict__["_gradient_engine"] = engine
+        return engine
+
+    def _chunk(self, x: Tensor) -> int:
+        return self.gradient_chunk_size or default_chunk_size(self.n_parameters, x.element_size())
+
     def _gradients(self, x: Tensor, y: Tensor) -> Tensor:
-        return per_sample_gradients(self.layout, self.loss, x, y, self.gradient_chunk_size)
+        return self._engine.gradients(x, y, self._chunk(x))
+
+    def _plain_gradients(self) -> bool:
+        """True when training gradients are plain per-sample gradients, so that products
+        with factors may use their factored form."""
+        cls, base = type(self), TorchInfluenceFunctionModel
+        return (
+            cls._gradients is base._gradients
+            and cls._train_gradients is base._train_gradients
+            and cls._from_gradients is base._from_gradients
+        )
 
     def _solve(self, gradients: Tensor) -> Tensor:
         return torch.cat([self._solve_block(b, gradients[:, b.slice]) for b in self.layout.blocks], dim=1)
 
-    def _from_gradients(self, factors: Tensor, train_gradients: Tensor) -> Tensor:
+    def _from_gradients(self, factors: Tensor, train_gradients: Tensor | FactoredGradients) -> Tensor:
+        if isinstance(train_gradients, FactoredGradients):
+            return self._engine.products(factors, train_gradients)
         return factors @ train_gradients.T
 
     def _perturbation(self, factors: Tensor, x: Tensor, y: Tensor) -> Tensor:
@@ -231,13 +258,13 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Iterable]):
         mode = self._parse_mode(mode, "influences_from_representation")
         factors = self._check_factors(z_test_factors, "influences_from_representation")
         if mode is InfluenceMode.Up:
-            if not isinstance(representation, Tensor):
+            if not isinstance(representation, (Tensor, FactoredGradients)):
                 raise ValueError(
                     f"{type(self).__name__}.influences_from_representation(): the representation "
                     "was made in perturbation mode, but mode is 'up'."
                 )
             return self._from_gradients(factors, representation)
-        if isinstance(representation, Tensor):
+        if isinstance(representation, (Tensor, FactoredGradients)):
             raise ValueError(
                 f"{type(self).__name__}.influences_from_representation(): the representation "
                 "was made in up mode, but mode is 'perturbation'."
@@ -245,8 +272,11 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Iterable]):
         x, y = representation
         return self._perturbation(factors, x, y)
 
-    def _train_gradients(self, x: Tensor, y: Tensor) -> Tensor:
-        """Training-side gradients for ``_from_gradients`` (a subclass may project them)."""
+    def _train_gradients(self, x: Tensor, y: Tensor) -> Tensor | FactoredGradients:
+        """Training-side gradients for ``_from_gradients`` (a subclass may project them):
+        per-sample gradients, in factored form where that is smaller and faster."""
+        if self._plain_gradients():
+            return self._engine.factored(x, y, self._chunk(x))
         return self._gradients(x, y)
 
     def _check_factors(self, factors: Any, method: str) -> Tensor:

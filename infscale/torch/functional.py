@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vjp, vmap
 
+from .gradients import GradientEngine
+
 __all__ = [
     "BlockMode",
     "SecondOrderMode",
@@ -253,6 +255,14 @@ def default_chunk_size(n_parameters: int, itemsize: int, factor: int = 1) -> int
     return max(1, DEFAULT_GRADIENT_MEMORY // max(1, n_parameters * itemsize * factor))
 
 
+def gradient_engine(
+    layout: ParameterLayout, loss: LossFunction, block: _Block | None = None
+) -> GradientEngine:
+    """The per-sample gradient engine of the layout's parameters (of one block, if given)."""
+    names = list(block.parameter_names) if block else [n for b in layout.blocks for n in b.parameter_names]
+    return GradientEngine(layout.model, loss, names, layout.parameters(block), layout.fixed_state(block))
+
+
 def per_sample_gradients(
     layout: ParameterLayout,
     loss: LossFunction,
@@ -260,24 +270,17 @@ def per_sample_gradients(
     y: Tensor,
     chunk_size: int | None = None,
     block: _Block | None = None,
+    engine: GradientEngine | None = None,
 ) -> Tensor:
     """Per-sample gradients ∇_θ ℓ(x_i, y_i), shape (n, p) (p of the block if given).
 
-    Computed with ``vmap(grad)`` in chunks of ``chunk_size`` samples, so memory
-    stays bounded by chunk_size · (p + activations).
+    ``nn.Linear`` layers come from one batched forward/backward (see
+    ``infscale.torch.gradients``); other parameters from ``vmap(grad)`` in chunks of
+    ``chunk_size`` samples, so memory stays bounded by chunk_size · (p + activations).
     """
-    params = layout.parameters(block)
-    fixed = layout.fixed_state(block)
-    sample_grad = vmap(grad(_single_sample_loss(layout, loss)), in_dims=(None, None, 0, 0))
-    p = block.size if block else layout.n_parameters
-    chunk = chunk_size or default_chunk_size(p, x.element_size())
-    parts = []
-    for start in range(0, x.shape[0], chunk):
-        g = sample_grad(params, fixed, x[start : start + chunk], y[start : start + chunk])
-        parts.append(layout.flatten(g, block, batch_dims=1))
-    if not parts:
-        return x.new_zeros((0, p))
-    return torch.cat(parts)
+    engine = engine or gradient_engine(layout, loss, block)
+    chunk = chunk_size or default_chunk_size(engine.size, x.element_size())
+    return engine.gradients(x, y, chunk)
 
 
 def perturbation_influences(

@@ -1,0 +1,338 @@
+"""Per-sample gradients, fast: ``nn.Linear`` layers from one batched forward/backward.
+
+The per-sample gradient of a linear layer ``z = W a + b`` is ``δ aᵀ`` (and ``δ`` for the
+bias), where ``a`` is the layer's input and ``δ = ∂ℓ/∂z`` the gradient at its output, summed
+over the positions (sequence, extra dimensions, repeated calls) the layer sees for one
+sample. Both come out of ONE batched forward/backward of the model, far cheaper than
+``vmap(grad)``, and the product of test factors with training gradients needs only them:
+
+    factor · ∇_W ℓᵢ  =  Σ_t δᵢₜᵀ F aᵢₜ
+
+so the (n, p) matrix of training gradients is never formed. Trainable parameters outside
+``nn.Linear`` layers (convolutions, norms, embeddings, …) go through ``vmap(grad)``.
+
+Correctness guard: the batched pass equals the per-sample one only if samples don't
+interact inside the model and no Linear parameter is used outside its module. Every call
+checks one sample against ``vmap(grad)``; on a mismatch (or with a batch-norm or dropout
+module in training mode) the model permanently uses ``vmap(grad)`` for everything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+__all__ = ["GradientEngine", "FactoredGradients"]
+
+#: floats of intermediate (rows × factors × width) held at once in products
+PRODUCT_CHUNK_FLOATS = 2**22
+#: rows of one batched forward/backward
+ROWS_PER_PASS = 1024
+
+
+class FactoredGradients(tuple):
+    """Per-sample gradients in factored form: ``(rest, a₁, δ₁, a₂, δ₂, …)``.
+
+    ``rest`` (n, p_rest) holds the gradients of the parameters outside the covered linear
+    layers; ``aₖ`` (n, T, in) and ``δₖ`` (n, T, out) are the inputs and output gradients of
+    the k-th covered layer (T positions per sample). A plain tuple of tensors, so that
+    calculators can size, ship and convert it like any container of arrays.
+    """
+
+    __slots__ = ()
+
+    @property
+    def n_samples(self) -> int:
+        return int(self[0].shape[0])
+
+
+@dataclass(frozen=True)
+class _LinearLayer:
+    module: nn.Module
+    weight: str | None  # the weight's name in the model, if trainable and in the parameter set
+    bias: str | None
+    weight_index: Tensor | None  # positions of the weight in the flat vector (row-major (out, in))
+    bias_index: Tensor | None
+    in_features: int
+    out_features: int
+
+
+def _slice_or_index(positions: list[int]) -> slice | Tensor:
+    if positions and positions == list(range(positions[0], positions[0] + len(positions))):
+        return slice(positions[0], positions[0] + len(positions))
+    return torch.tensor(positions, dtype=torch.long)
+
+
+_TRAINING_SENSITIVE = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
+
+
+class GradientEngine:
+    """Per-sample gradients and factor products for a set of trainable parameters.
+
+    Args:
+        model: the model.
+        loss: ``loss(outputs, targets)``; the per-sample loss is ``loss`` on a batch of one.
+        names: the parameter names, in flat-vector order (each flattened row-major).
+        parameters: name → detached tensor for every name.
+        fixed: everything held fixed in a functional call (buffers, other parameters).
+    """
+
+    def __init__(self, model: nn.Module, loss, names: Sequence[str], parameters: dict, fixed: dict):
+        self.model = model
+        self.loss = loss
+        self.names = list(names)
+        self.parameters = parameters
+        self.fixed = fixed
+        offsets, start = {}, 0
+        for n in self.names:
+            offsets[n] = (start, parameters[n].numel())
+            start += parameters[n].numel()
+        self.size = start
+        self.layers = self._linear_layers(offsets)
+        covered = {name for layer in self.layers for name in (layer.weight, layer.bias) if name}
+        self.rest = [n for n in self.names if n not in covered]
+        positions = [i for n in self.rest for i in range(offsets[n][0], offsets[n][0] + offsets[n][1])]
+        self.rest_index = _slice_or_index(positions)
+        self.rest_index_list = positions
+        self.batched_ok = bool(self.layers)
+
+    # ---------------------------------------------------------------- structure
+    def _linear_layers(self, offsets) -> list[_LinearLayer]:
+        by_id = {id(p): n for n, p in self.model.named_parameters()}
+        wanted = {id(dict(self.model.named_parameters())[n]) for n in self.names}
+        counts: dict[int, int] = {}
+        for m in self.model.modules():
+            for p in m._parameters.values():
+                if p is not None:
+                    counts[id(p)] = counts.get(id(p), 0) + 1
+        layers = []
+        for m in self.model.modules():
+            if type(m) is not nn.Linear:
+                continue
+            w = by_id.get(id(m.weight)) if id(m.weight) in wanted else None
+            b = by_id.get(id(m.bias)) if m.bias is not None and id(m.bias) in wanted else None
+            shared = any(counts.get(id(p), 0) > 1 for p in (m.weight, m.bias) if p is not None)
+            if shared or (w is None and b is None):
+                continue
+
+            def index(name):
+                if name is None:
+                    return None
+                s, k = offsets[name]
+                return slice(s, s + k)
+
+            layers.append(_LinearLayer(m, w, b, index(w), index(b), m.in_features, m.out_features))
+        return layers
+
+    def _batched_allowed(self) -> bool:
+        if not self.batched_ok:
+            return False
+        return not any(m.training for m in self.model.modules() if isinstance(m, _TRAINING_SENSITIVE))
+
+    # ---------------------------------------------------------------- vmap path
+    def _vmap_gradients(self, names: list[str], x: Tensor, y: Tensor) -> Tensor:
+        """(n, Σ numel) per-sample gradients of ``names`` by vmap(grad)."""
+        model, loss = self.model, self.loss
+        varying = {n: self.parameters[n] for n in names}
+        fixed = {**self.fixed, **{n: p for n, p in self.parameters.items() if n not in varying}}
+
+        def sample_loss(params, xi, yi):
+            out = functional_call(model, {**fixed, **params}, (xi.unsqueeze(0),))
+            return loss(out, yi.unsqueeze(0))
+
+        g = vmap(grad(sample_loss), in_dims=(None, 0, 0))(varying, x, y)
+        return torch.cat([g[n].reshape(x.shape[0], -1) for n in names], dim=1)
+
+    # ---------------------------------------------------------------- batched path
+    def _capture(self, x: Tensor, y: Tensor) -> list[tuple[Tensor, Tensor]] | None:
+        """(a, δ) per covered layer, shapes (n, T, in) and (n, T, out); None if not possible."""
+        n = x.shape[0]
+        records: dict[int, list] = {id(layer.module): [] for layer in self.layers}
+
+        def hook(module, inputs, output):
+            records[id(module)].append((inputs[0], output))
+
+        handles = [layer.module.register_forward_hook(hook) for layer in self.layers]
+        try:
+            with torch.enable_grad():
+                # parameters that require grad, so that the layer outputs carry a graph
+                live = {
+                    n: p.detach().requires_grad_(p.is_floating_point()) for n, p in self.parameters.items()
+                }
+                state = {**self.fixed, **live}
+                outputs = functional_call(self.model, state, (x,))
+                layer_outputs = [o for layer in self.layers for (_, o) in records[id(layer.module)]]
+                if not layer_outputs or any(o.shape[0] != n or not o.requires_grad for o in layer_outputs):
+                    return None
+                loss = self.loss
+
+                def one(o, t):
+                    return loss(o.unsqueeze(0), t.unsqueeze(0))
+
+                total = vmap(one)(outputs, y).sum()
+                deltas = torch.autograd.grad(total, layer_outputs, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+        result, k = [], 0
+        for layer in self.layers:
+            a_parts, d_parts = [], []
+            for a, _ in records[id(layer.module)]:
+                d = deltas[k]
+                k += 1
+                if d is None:
+                    d = torch.zeros(*a.shape[:-1], layer.out_features, dtype=a.dtype, device=a.device)
+                a_parts.append(a.detach().reshape(n, -1, layer.in_features))
+                d_parts.append(d.detach().reshape(n, -1, layer.out_features))
+            if not a_parts:  # the layer was not called: its gradient is zero
+                z = x.new_zeros(n, 0, layer.in_features)
+                a_parts, d_parts = [z], [x.new_zeros(n, 0, layer.out_features)]
+            result.append((torch.cat(a_parts, dim=1), torch.cat(d_parts, dim=1)))
+        return result
+
+    def _layer_gradient_into(self, out: Tensor, layer: _LinearLayer, a: Tensor, d: Tensor) -> None:
+        n = a.shape[0]
+        if layer.weight_index is not None:
+            view = out[:, layer.weight_index].view(n, layer.out_features, layer.in_features)
+            if a.shape[1] == 1:
+                torch.mul(d[:, 0, :, None], a[:, 0, None, :], out=view)
+            else:
+                torch.bmm(d.transpose(1, 2), a, out=view)
+        if layer.bias_index is not None:
+            torch.sum(d, dim=1, out=out[:, layer.bias_index])
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return next(iter(self.parameters.values())).dtype
+
+    def _matches_vmap(self, dense_first: Tensor, x: Tensor, y: Tensor) -> bool:
+        reference = self._vmap_gradients(self.names, x[:1], y[:1])[0]
+        tol = 1e-10 if reference.dtype == torch.float64 else 1e-4
+        scale = reference.norm() + dense_first.norm()
+        return bool((dense_first - reference).norm() <= tol * scale + 1e-30)
+
+    def _batched(self, x: Tensor, y: Tensor, check: bool):
+        """Captured (a, δ) of x, or None when the batched path doesn't apply to this model."""
+        if not self._batched_allowed():
+            return None
+        captured = self._capture(x, y)
+        if captured is None:
+            self.batched_ok = False
+            return None
+        if check:
+            first = torch.zeros(1, self.size, dtype=self._dtype, device=x.device)
+            for layer, (a, d) in zip(self.layers, captured):
+                self._layer_gradient_into(first, layer, a[:1], d[:1])
+            if self.rest:
+                first[:, self.rest_index] = self._vmap_gradients(self.rest, x[:1], y[:1])
+            if not self._matches_vmap(first[0], x, y):
+                self.batched_ok = False
+                return None
+        return captured
+
+    # ---------------------------------------------------------------- public
+    def gradients(self, x: Tensor, y: Tensor, chunk_size: int) -> Tensor:
+        """Per-sample gradients, (n, size)."""
+        n = x.shape[0]
+        if n == 0:
+            return torch.zeros(0, self.size, dtype=self._dtype, device=x.device)
+        captured = self._batched(x[: min(n, ROWS_PER_PASS)], y[: min(n, ROWS_PER_PASS)], check=True)
+        if captured is None:
+            parts = [
+                self._vmap_gradients(self.names, x[s : s + chunk_size], y[s : s + chunk_size])
+                for s in range(0, n, chunk_size)
+            ]
+            return torch.cat(parts)
+        out = torch.empty(n, self.size, dtype=self._dtype, device=x.device)
+        step = min(n, ROWS_PER_PASS)
+        for s in range(0, n, step):
+            xs, ys = x[s : s + step], y[s : s + step]
+            cap = captured if s == 0 else self._capture(xs, ys)
+            for layer, (a, d) in zip(self.layers, cap):
+                self._layer_gradient_into(out[s : s + step], layer, a, d)
+            if self.rest:
+                for r in range(s, s + xs.shape[0], chunk_size):
+                    e = min(r + chunk_size, s + xs.shape[0])
+                    out[r:e, self.rest_index] = self._vmap_gradients(self.rest, x[r:e], y[r:e])
+        return out
+
+    def factored(self, x: Tensor, y: Tensor, chunk_size: int) -> FactoredGradients | Tensor:
+        """Per-sample gradients in factored form, or dense (n, size) if the batched path
+        doesn't apply (then the caller gets the same values, slower)."""
+        n = x.shape[0]
+        captured = self._batched(x[:ROWS_PER_PASS], y[:ROWS_PER_PASS], check=True) if n else None
+        if captured is None:
+            return self.gradients(x, y, chunk_size)
+        parts = [captured] + [
+            self._capture(x[s : s + ROWS_PER_PASS], y[s : s + ROWS_PER_PASS])
+            for s in range(ROWS_PER_PASS, n, ROWS_PER_PASS)
+        ]
+        if any(p is None for p in parts):
+            return self.gradients(x, y, chunk_size)
+        factored_floats = len(self.rest_index_list) + sum(
+            a.shape[1] * (a.shape[2] + d.shape[2]) for a, d in captured
+        )
+        if factored_floats >= self.size:  # many positions per sample: the dense form is smaller
+            return self.gradients(x, y, chunk_size)
+        if self.rest:
+            rest = torch.cat(
+                [
+                    self._vmap_gradients(self.rest, x[s : s + chunk_size], y[s : s + chunk_size])
+                    for s in range(0, n, chunk_size)
+                ]
+            )
+        else:
+            rest = torch.zeros(n, 0, dtype=self._dtype, device=x.device)
+        items: list[Tensor] = [rest]
+        for k in range(len(self.layers)):
+            items.append(torch.cat([p[k][0] for p in parts]))
+            items.append(torch.cat([p[k][1] for p in parts]))
+        return FactoredGradients(items)
+
+    def products(self, factors: Tensor, gradients: FactoredGradients | Tensor) -> Tensor:
+        """``factors @ gradientsᵀ``: (k, size) with n per-sample gradients → (k, n)."""
+        if isinstance(gradients, Tensor):
+            return factors @ gradients.T
+        rest = gradients[0]
+        result = factors[:, self.rest_index] @ rest.T if self.rest else None
+        k = factors.shape[0]
+        n = gradients.n_samples
+        if result is None:
+            result = torch.zeros(k, n, dtype=factors.dtype, device=factors.device)
+        for i, layer in enumerate(self.layers):
+            a, d = gradients[1 + 2 * i], gradients[2 + 2 * i]
+            positions = a.shape[1]
+            if positions == 0:
+                continue
+            if layer.bias_index is not None:
+                # Σ_t δ_t · f_b
+                result += factors[:, layer.bias_index] @ d.sum(dim=1).T
+            if layer.weight_index is None:
+                continue
+            F = factors[:, layer.weight_index].reshape(k, layer.out_features, layer.in_features)
+            if positions * k > positions + k:
+                # cheaper to form the per-sample weight gradients chunk by chunk
+                rows = max(1, PRODUCT_CHUNK_FLOATS // (layer.out_features * layer.in_features))
+                flat = F.reshape(k, -1)
+                for s in range(0, n, rows):
+                    g = torch.bmm(d[s : s + rows].transpose(1, 2), a[s : s + rows])
+                    result[:, s : s + rows] += flat @ g.reshape(g.shape[0], -1).T
+                continue
+            width_in, width_out = layer.in_features, layer.out_features
+            rows = max(1, PRODUCT_CHUNK_FLOATS // (k * positions * min(width_in, width_out)))
+            for s in range(0, n, rows):
+                a_s = a[s : s + rows].reshape(-1, width_in)  # (r·T, in)
+                d_s = d[s : s + rows].reshape(-1, width_out)  # (r·T, out)
+                if width_out <= width_in:
+                    # (r·T, in) @ (in, k·out) → (r·T, k, out), times δ, summed over out
+                    p = (a_s @ F.reshape(k * width_out, width_in).T).view(-1, k, width_out)
+                    vals = torch.einsum("rko,ro->rk", p, d_s)
+                else:
+                    p = (d_s @ F.transpose(1, 2).reshape(k * width_in, width_out).T).view(-1, k, width_in)
+                    vals = torch.einsum("rki,ri->rk", p, a_s)
+                result[:, s : s + rows] += vals.view(-1, positions, k).sum(dim=1).T
+        return result

@@ -1,0 +1,236 @@
+"""The per-sample gradient engine against a plain autograd loop, one sample at a time.
+
+The batched nn.Linear path must give exactly the per-sample gradients of a batch of one,
+and must step aside (falling back to vmap) whenever the batched pass would differ: a
+parameter used outside its module, samples that interact, training-mode batch norm.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from infscale.torch import DirectInfluence
+from infscale.torch.functional import ParameterLayout, gradient_engine
+from infscale.torch.gradients import FactoredGradients
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def reference_gradients(model, loss, x, y):
+    """(n, p) by autograd, one sample at a time, trainable parameters in named order."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for i in range(x.shape[0]):
+        value = loss(model(x[i : i + 1]), y[i : i + 1])
+        rows.append(
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, params, allow_unused=False)])
+        )
+    return torch.stack(rows)
+
+
+def check(model, loss, x, y, expect_batched: bool):
+    engine = gradient_engine(ParameterLayout(model), loss)
+    reference = reference_gradients(model, loss, x, y)
+    dense = engine.gradients(x, y, chunk_size=3)
+    torch.testing.assert_close(dense, reference, rtol=1e-10, atol=1e-12)
+    factors = torch.randn(4, engine.size)
+    factored = engine.factored(x, y, chunk_size=3)
+    torch.testing.assert_close(
+        engine.products(factors, factored), factors @ reference.T, rtol=1e-10, atol=1e-12
+    )
+    assert engine.batched_ok is expect_batched
+    assert isinstance(factored, FactoredGradients) is expect_batched
+    return engine
+
+
+def data(n=11, d=5, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def test_mlp_with_and_without_bias():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6, bias=False), nn.Tanh(), nn.Linear(6, 3))
+    x, y = data()
+    engine = check(model, nn.functional.cross_entropy, x, y, expect_batched=True)
+    assert engine.rest == []  # every parameter through the batched path
+
+
+def test_regression_loss_with_float_targets():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, _ = data()
+    y = torch.randn(x.shape[0], 2)
+    check(model, nn.functional.mse_loss, x, y, expect_batched=True)
+
+
+class Sequence(nn.Module):
+    """A linear layer over positions (n, T, d), called twice, then pooled."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        self.embed = nn.Linear(5, width)
+        self.mix = nn.Linear(width, width)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))  # (n, T, width)
+        h = torch.tanh(self.mix(h))
+        h = torch.tanh(self.mix(h))  # the same layer again
+        return self.head(h.mean(dim=1))
+
+
+def test_positions_and_repeated_calls():
+    torch.manual_seed(2)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(9, 3, 5, generator=g), torch.randint(0, 3, (9,), generator=g)
+    check(Sequence(), nn.functional.cross_entropy, x, y, expect_batched=True)
+
+
+def test_many_positions_fall_back_to_the_smaller_dense_form():
+    torch.manual_seed(2)
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(5, 40, 5, generator=g), torch.randint(0, 3, (5,), generator=g)
+    engine = gradient_engine(ParameterLayout(Sequence(width=4)), nn.functional.cross_entropy)
+    factored = engine.factored(x, y, chunk_size=2)
+    assert not isinstance(factored, FactoredGradients)  # 40 positions: (in + out)·T > in·out
+    torch.testing.assert_close(factored, reference_gradients(engine.model, engine.loss, x, y))
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.fc = nn.Linear(2 * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.conv(x)).flatten(1))
+
+
+def test_convolution_goes_through_vmap_and_linear_through_the_batched_path():
+    torch.manual_seed(3)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(7, 1, 4, 4, generator=g), torch.randint(0, 3, (7,), generator=g)
+    engine = check(ConvNet(), nn.functional.cross_entropy, x, y, expect_batched=True)
+    assert engine.rest == ["conv.weight", "conv.bias"]
+
+
+def test_frozen_parameters():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    model[0].requires_grad_(False)  # a whole frozen layer
+    model[2].weight.requires_grad_(False)  # a frozen weight with a trainable bias
+    x, y = data()
+    check(model, nn.functional.cross_entropy, x, y, expect_batched=True)
+
+
+class OutsideUse(nn.Module):
+    """fc.weight is also used outside fc's forward: the batched path would miss that use."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        h = torch.tanh(nn.functional.linear(h, self.fc.weight))
+        return self.head(h)
+
+
+def test_a_weight_used_outside_its_module_is_detected():
+    torch.manual_seed(5)
+    x, y = data()
+    check(OutsideUse(), nn.functional.cross_entropy, x, y, expect_batched=False)
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 5)
+        self.b = nn.Linear(5, 5)
+        self.b.weight = self.a.weight  # one parameter in two modules
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def test_tied_weights_go_through_vmap():
+    torch.manual_seed(6)
+    x, y = data()
+    engine = check(Tied(), nn.functional.cross_entropy, x, y, expect_batched=True)
+    assert "a.weight" in engine.rest  # the shared weight is not taken from one module
+
+
+class BatchCentering(nn.Module):
+    """Samples interact: each input is centred on the batch mean (a batch of one: zero)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc(x - x.mean(dim=0, keepdim=True) + 0.5 * x)
+
+
+def test_interacting_samples_are_detected():
+    torch.manual_seed(7)
+    x, y = data()
+    check(BatchCentering(), nn.functional.cross_entropy, x, y, expect_batched=False)
+
+
+def test_training_mode_batch_norm_never_takes_the_batched_path():
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+    engine = gradient_engine(ParameterLayout(model), nn.functional.cross_entropy)
+    assert not engine._batched_allowed()
+    model.eval()
+    assert engine._batched_allowed()
+    x, y = data()
+    check(model, nn.functional.cross_entropy, x, y, expect_batched=True)
+
+
+def test_influences_through_the_factored_path_match_dense_gradients():
+    """End to end: DirectInfluence's influences (factored training gradients) equal the
+    explicit ∇ℓ_testᵀ (H + λI)⁻¹ ∇ℓ_train with an autograd Hessian."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = data(n=20)
+    x_test, y_test = data(n=6, seed=1)
+    loss = nn.functional.cross_entropy
+    params = dict(model.named_parameters())
+    names = list(params)
+    shapes = [params[n].shape for n in names]
+    flat0 = torch.cat([params[n].detach().reshape(-1) for n in names])
+
+    def total(flat):
+        state, s = {}, 0
+        for n, shape in zip(names, shapes):
+            state[n] = flat[s : s + shape.numel()].reshape(shape)
+            s += shape.numel()
+        return loss(torch.func.functional_call(model, state, (x,)), y)
+
+    H = torch.autograd.functional.hessian(total, flat0)
+    lam = 1.0  # the random network's Hessian is indefinite (smallest eigenvalue ≈ -0.56)
+    expected = reference_gradients(model, loss, x_test, y_test) @ torch.linalg.solve(
+        H + lam * torch.eye(H.shape[0]), reference_gradients(model, loss, x, y).T
+    )
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=7)
+    infl = DirectInfluence(model, loss, hessian_regularization=lam).fit(loader)
+    torch.testing.assert_close(infl.influences(x_test, y_test, x, y), expected, rtol=1e-8, atol=1e-10)
+    representation = infl.train_representation(x, y)
+    assert isinstance(representation, FactoredGradients)
+    factors = infl.influence_factors(x_test, y_test)
+    torch.testing.assert_close(
+        infl.influences_from_representation(factors, representation), expected, rtol=1e-8, atol=1e-10
+    )
+    with pytest.raises(ValueError, match="up mode"):
+        infl.influences_from_representation(factors, representation, mode="perturbation")
