@@ -14,6 +14,7 @@ from ..base import InfluenceMode
 from .base import TorchInfluenceFunctionModel
 from .direct import NotPositiveDefiniteError
 from .functional import BlockMode, LossFunction, SecondOrderMode, _Block, default_chunk_size
+from .gradients import FactoredGradients
 
 __all__ = ["ArnoldiInfluence", "lanczos_eigenpairs", "LanczosResult"]
 
@@ -272,16 +273,35 @@ class ArnoldiInfluence(TorchInfluenceFunctionModel):
     def _project(self, vectors: Tensor) -> Tensor:
         return torch.cat([vectors[:, b.slice] @ self.eigenvectors[b.name] for b in self.layout.blocks], dim=1)
 
+    def _basis_rows(self) -> Tensor:
+        """The eigenvectors of every block as rows of the full parameter space: (Σ rank_b, p)."""
+        rows = torch.zeros(
+            sum(v.shape[1] for v in self.eigenvectors.values()),
+            self.n_parameters,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        r = 0
+        for b in self.layout.blocks:
+            V = self.eigenvectors[b.name]
+            rows[r : r + V.shape[1], b.slice] = V.T
+            r += V.shape[1]
+        return rows
+
     def _train_gradients(self, x: Tensor, y: Tensor) -> Tensor:
         chunk = self.gradient_chunk_size or default_chunk_size(
             self.n_parameters, torch.finfo(self.dtype).bits // 8
         )
-        parts = [
-            self._project(self._gradients(x[s : s + chunk], y[s : s + chunk]))
-            for s in range(0, len(x), chunk)
-        ]
+        basis = self._basis_rows()
+        parts = []
+        for s in range(0, len(x), chunk):
+            gradients = self._engine.factored(x[s : s + chunk], y[s : s + chunk], chunk)
+            if isinstance(gradients, FactoredGradients):  # never forms the (chunk, p) gradients
+                parts.append(self._engine.products(basis, gradients).T)
+            else:
+                parts.append(self._project(gradients))
         if not parts:
-            return x.new_zeros((0, sum(v.shape[1] for v in self.eigenvectors.values())), dtype=self.dtype)
+            return x.new_zeros((0, basis.shape[0]), dtype=self.dtype)
         return torch.cat(parts)
 
     def _influences(self, x_test, y_test, x, y, mode, symmetric) -> Tensor:
