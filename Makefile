@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-quick clean
+.PHONY: demo test lint bench bench-quick bench-smoke clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,11 +25,17 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check infscale tests benchmarks
 
+# Full suite, about 40 min on an idle 2-core machine (a fixed budget per section, see
+# benchmarks/run_all.py); extra options through BENCH_ARGS, e.g. BENCH_ARGS="--only wide,calculators".
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 bench-quick: $(STAMP)
-	$(PY) benchmarks/run_all.py --quick
+	$(PY) benchmarks/run_all.py --quick $(BENCH_ARGS)
+
+# Tiny sizes, only checks that every code path runs; writes to /tmp, never to docs/.
+bench-smoke: $(STAMP)
+	$(PY) benchmarks/run_all.py --smoke --out /tmp/infscale-bench-smoke/benchmarks.md $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
