@@ -336,3 +336,87 @@ class GradientEngine:
                     vals = torch.einsum("rki,ri->rk", p, a_s)
                 result[:, s : s + rows] += vals.view(-1, positions, k).sum(dim=1).T
         return result
+
+    # ---------------------------------------------------------------- sums and norms
+    def _layers_within(self, columns: slice | None):
+        """(index, layer, weight?, bias?) of the covered layers whose parameters lie in ``columns``."""
+        for i, layer in enumerate(self.layers):
+            use_w = layer.weight_index is not None and _inside(layer.weight_index, columns)
+            use_b = layer.bias_index is not None and _inside(layer.bias_index, columns)
+            if use_w or use_b:
+                yield i, layer, use_w, use_b
+
+    def _rest_within(self, columns: slice | None) -> Tensor | None:
+        """Columns of the ``rest`` tensor whose flat positions lie in ``columns`` (None: all)."""
+        if columns is None:
+            return None
+        start, stop = columns.start, columns.stop
+        return torch.tensor(
+            [j for j, p in enumerate(self.rest_index_list) if start <= p < stop], dtype=torch.long
+        )
+
+    def weighted_sums(
+        self, weights: Tensor, gradients: FactoredGradients | Tensor, columns: slice | None = None
+    ) -> Tensor:
+        """``weights @ gradients``: (k, n) weights of n per-sample gradients → (k, size).
+
+        With ``columns`` (a slice of the flat vector) only those columns are filled; the
+        others are zero.
+        """
+        if isinstance(gradients, Tensor):
+            out = torch.zeros(weights.shape[0], self.size, dtype=gradients.dtype, device=gradients.device)
+            cols = columns or slice(0, self.size)
+            out[:, cols] = weights @ gradients[:, cols]
+            return out
+        k = weights.shape[0]
+        rest = gradients[0]
+        out = torch.zeros(k, self.size, dtype=rest.dtype, device=rest.device)
+        if self.rest:
+            keep = self._rest_within(columns)
+            if keep is None:
+                out[:, self.rest_index] = weights @ rest
+            elif keep.numel():
+                positions = torch.tensor(self.rest_index_list, dtype=torch.long)[keep]
+                out[:, positions] = weights @ rest[:, keep]
+        for i, layer, use_w, use_b in self._layers_within(columns):
+            a, d = gradients[1 + 2 * i], gradients[2 + 2 * i]
+            n, positions, width_out = d.shape
+            if use_b:
+                out[:, layer.bias_index] = weights @ d.sum(dim=1)
+            if use_w:
+                view = out[:, layer.weight_index].view(k, width_out, layer.in_features)
+                rows = max(1, PRODUCT_CHUNK_FLOATS // max(1, k * positions * width_out))
+                for s in range(0, n, rows):
+                    wd = weights[:, s : s + rows, None, None] * d[None, s : s + rows]  # (k, r, T, out)
+                    wd = wd.reshape(k, -1, width_out).transpose(1, 2)  # (k, out, r·T)
+                    view += wd @ a[s : s + rows].reshape(-1, layer.in_features)
+        return out
+
+    def squared_norms(self, gradients: FactoredGradients | Tensor, columns: slice | None = None) -> Tensor:
+        """‖gᵢ‖² of each per-sample gradient (restricted to ``columns`` if given): (n,)."""
+        if isinstance(gradients, Tensor):
+            g = gradients if columns is None else gradients[:, columns]
+            return (g * g).sum(dim=1)
+        rest = gradients[0]
+        if self.rest:
+            keep = self._rest_within(columns)
+            part = rest if keep is None else rest[:, keep]
+            total = (part * part).sum(dim=1)
+        else:
+            total = rest.new_zeros(rest.shape[0])
+        for i, _, use_w, use_b in self._layers_within(columns):
+            a, d = gradients[1 + 2 * i], gradients[2 + 2 * i]
+            if use_b:
+                total += d.sum(dim=1).square().sum(dim=1)
+            if use_w:
+                if a.shape[1] == 1:
+                    total += a[:, 0].square().sum(dim=1) * d[:, 0].square().sum(dim=1)
+                else:  # ‖Σ_t δ_t a_tᵀ‖² = Σ_{t,t'} (δ_t·δ_t')(a_t·a_t')
+                    total += ((d @ d.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum(dim=(1, 2))
+        return total
+
+
+def _inside(index: slice | Tensor, columns: slice | None) -> bool:
+    if columns is None:
+        return True
+    return columns.start <= index.start and index.stop <= columns.stop

@@ -48,6 +48,17 @@ def check(model, loss, x, y, expect_batched: bool):
     )
     assert engine.batched_ok is expect_batched
     assert isinstance(factored, FactoredGradients) is expect_batched
+    weights = torch.randn(3, x.shape[0])
+    torch.testing.assert_close(engine.weighted_sums(weights, factored), weights @ reference)
+    torch.testing.assert_close(engine.squared_norms(factored), (reference**2).sum(dim=1))
+    # restricted to the columns of one parameter group (as a block of a block-diagonal method)
+    layout = ParameterLayout(model, "layer_wise")
+    for block in layout.blocks:
+        cols = block.slice
+        expected = torch.zeros_like(engine.weighted_sums(weights, factored))
+        expected[:, cols] = weights @ reference[:, cols]
+        torch.testing.assert_close(engine.weighted_sums(weights, factored, cols), expected)
+        torch.testing.assert_close(engine.squared_norms(factored, cols), (reference[:, cols] ** 2).sum(dim=1))
     return engine
 
 
