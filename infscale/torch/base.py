@@ -188,6 +188,9 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Iterable]):
         if engine is None:
             engine = gradient_engine(self.layout, self.loss)
             self.__dict__["_gradient_engine"] = engine
+        else:  # the current parameter values, should a tensor have been replaced since
+            engine.parameters = self.layout.parameters()
+            engine.fixed = self.layout.fixed_state()
         return engine
 
     def _chunk(self, x: Tensor) -> int:

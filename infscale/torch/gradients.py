@@ -49,6 +49,10 @@ class FactoredGradients(tuple):
     def n_samples(self) -> int:
         return int(self[0].shape[0])
 
+    def rows(self, start: int, stop: int) -> FactoredGradients:
+        """The gradients of samples start … stop − 1."""
+        return FactoredGradients(t[start:stop] for t in self)
+
 
 @dataclass(frozen=True)
 class _LinearLayer:
@@ -293,25 +297,37 @@ class GradientEngine:
             items.append(torch.cat([p[k][1] for p in parts]))
         return FactoredGradients(items)
 
-    def products(self, factors: Tensor, gradients: FactoredGradients | Tensor) -> Tensor:
-        """``factors @ gradientsᵀ``: (k, size) with n per-sample gradients → (k, n)."""
+    def products(
+        self, factors: Tensor, gradients: FactoredGradients | Tensor, columns: slice | None = None
+    ) -> Tensor:
+        """``factors @ gradientsᵀ``: (k, size) with n per-sample gradients → (k, n).
+
+        With ``columns`` (a slice of the flat vector) only those columns take part.
+        """
         if isinstance(gradients, Tensor):
+            if columns is not None:
+                return factors[:, columns] @ gradients[:, columns].T
             return factors @ gradients.T
         rest = gradients[0]
-        result = factors[:, self.rest_index] @ rest.T if self.rest else None
         k = factors.shape[0]
         n = gradients.n_samples
-        if result is None:
-            result = torch.zeros(k, n, dtype=factors.dtype, device=factors.device)
-        for i, layer in enumerate(self.layers):
+        result = torch.zeros(k, n, dtype=factors.dtype, device=factors.device)
+        if self.rest:
+            keep = self._rest_within(columns)
+            if keep is None:
+                result += factors[:, self.rest_index] @ rest.T
+            elif keep.numel():
+                positions = torch.tensor(self.rest_index_list, dtype=torch.long)[keep]
+                result += factors[:, positions] @ rest[:, keep].T
+        for i, layer, use_w, use_b in self._layers_within(columns):
             a, d = gradients[1 + 2 * i], gradients[2 + 2 * i]
             positions = a.shape[1]
             if positions == 0:
                 continue
-            if layer.bias_index is not None:
+            if use_b:
                 # Σ_t δ_t · f_b
                 result += factors[:, layer.bias_index] @ d.sum(dim=1).T
-            if layer.weight_index is None:
+            if not use_w:
                 continue
             F = factors[:, layer.weight_index].reshape(k, layer.out_features, layer.in_features)
             if positions * k > positions + k:

@@ -59,6 +59,11 @@ def check(model, loss, x, y, expect_batched: bool):
         expected[:, cols] = weights @ reference[:, cols]
         torch.testing.assert_close(engine.weighted_sums(weights, factored, cols), expected)
         torch.testing.assert_close(engine.squared_norms(factored, cols), (reference[:, cols] ** 2).sum(dim=1))
+        torch.testing.assert_close(
+            engine.products(factors, factored, cols), factors[:, cols] @ reference[:, cols].T
+        )
+    if isinstance(factored, FactoredGradients):
+        torch.testing.assert_close(engine.products(factors, factored.rows(2, 5)), factors @ reference[2:5].T)
     return engine
 
 
