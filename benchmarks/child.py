@@ -164,6 +164,21 @@ def warm_up(model, loss, x, y) -> None:
     jvp(lambda p: grad(batch_loss)(p, x[:2], y[:2]), (params,), (params,))
 
 
+def warm_worker(lib: str) -> bool:
+    """Run on each Dask worker before the timer starts: import the library and pay torch.func's
+    one-time start-up there too (as ``warm_up`` does in the driver)."""
+    import torch
+    from torch.func import grad, vmap
+
+    if lib == "infscale":
+        import infscale.torch  # noqa: F401
+    else:
+        import pydvl.influence.torch  # noqa: F401
+    w = torch.zeros(3)
+    vmap(grad(lambda w, x: (w * x).sum() ** 2), in_dims=(None, 0))(w, torch.ones(2, 3))
+    return True
+
+
 def run(spec: dict) -> dict:
     import numpy as np
     import torch
@@ -283,6 +298,7 @@ def query(spec, lib, infl, x_tr, y_tr, x_te, y_te, bs):
         )
         client = Client(cluster)
         try:
+            client.run(warm_worker, lib)  # library imports on the workers: start-up, not timed
             da_x, da_y = util.torch_dataset_to_dask_array(TensorDataset(x_tr, y_tr), chunk_size=bs)
             da_xt, da_yt = util.torch_dataset_to_dask_array(TensorDataset(x_te, y_te), chunk_size=test_bs)
             converter = util.TorchNumpyConverter(device=torch.device("cpu"))
