@@ -1124,11 +1124,13 @@ class Suite:
                 batch_size=S["ooc_batch"],
                 test_batch_size=S["ooc_test_batch"],
                 keep_rows=5,
+                n_blocks=-(-m // S["ooc_test_batch"]) * -(-n // S["ooc_batch"]),
             )
             runs[("infscale", n)] = self.R.run("infscale", wl, **common)
             if n == S["ooc_small"]:
                 small_workload = wl
         log(f"out-of-core: pyDVL at {S['ooc_small']} train")  # last: it is the slowest
+        common["n_blocks"] = -(-m // S["ooc_test_batch"]) * -(-S["ooc_small"] // S["ooc_batch"])
         runs[("pydvl", S["ooc_small"])] = self.R.run("pydvl", small_workload, slow=True, **common)
         small, big = runs[("infscale", S["ooc_small"])], runs[("infscale", S["ooc_n_train"])]
         growth = "–"
