@@ -7,12 +7,74 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call, grad, vjp, vmap
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset, default_collate
 from tqdm.auto import tqdm
 
 from .base import TorchInfluenceFunctionModel
-from .functional import BlockMode, CurvatureOperator, LossFunction, SecondOrderMode, _Block, split_batch
+from .functional import (
+    BlockMode,
+    CurvatureOperator,
+    LossFunction,
+    ParameterLayout,
+    SecondOrderMode,
+    _Block,
+    split_batch,
+)
 
 __all__ = ["LissaInfluence", "LissaDivergenceError"]
+
+# Hessian products with at most this many (vector, sample) pairs at once (bounds the vmapped intermediates)
+_VECTORS_TIMES_SAMPLES = 131_072
+
+
+def _tensor_dataset_batches(data: Iterable) -> list[tuple[Tensor, ...]] | None:
+    """The batches of a sequential, default-collated DataLoader over a TensorDataset, as views
+    (slices) of the dataset's tensors: the same values the loader yields, without the per-sample
+    indexing and stacking of each pass. None for any other iterable (it is iterated as given)."""
+    if not (
+        isinstance(data, DataLoader)
+        and type(data.dataset) is TensorDataset
+        and type(data.sampler) is SequentialSampler
+        and type(data.batch_sampler) is BatchSampler
+        and data.collate_fn is default_collate
+        and data.batch_size is not None
+    ):
+        return None
+    tensors, size = data.dataset.tensors, data.batch_size
+    n = len(data.dataset)
+    stop = n - n % size if data.drop_last else n
+    return [tuple(t[s : s + size] for t in tensors) for s in range(0, stop, size)]
+
+
+class _HessianProducts:
+    """Products of the Hessian of one batch's mean loss, restricted to a block, with many vectors.
+
+    Reverse over reverse: the batch gradient's graph is built once per batch, then its
+    vector-Jacobian product is vmapped over the vectors (chunks bound the intermediates).
+    """
+
+    def __init__(self, layout: ParameterLayout, loss: LossFunction, block: _Block):
+        self.layout, self.loss, self.block = layout, loss, block
+        self.params = layout.parameters(block)
+        self.fixed = layout.fixed_state(block)
+
+    def __call__(self, x: Tensor, y: Tensor, V: Tensor) -> Tensor:
+        layout, block, model, fixed, loss = self.layout, self.block, self.layout.model, self.fixed, self.loss
+
+        def batch_loss(params):
+            return loss(functional_call(model, {**fixed, **params}, (x,)), y)
+
+        _, vjp_fn = vjp(grad(batch_loss), self.params)
+        chunk = max(1, _VECTORS_TIMES_SAMPLES // max(1, x.shape[0]))
+        if V.shape[0] <= chunk:
+            (res,) = vmap(vjp_fn)(layout.unflatten(V, block))
+            return layout.flatten(res, block, batch_dims=1)
+        out = torch.empty_like(V)
+        for s in range(0, V.shape[0], chunk):
+            (res,) = vmap(vjp_fn)(layout.unflatten(V[s : s + chunk], block))
+            out[s : s + chunk] = layout.flatten(res, block, batch_dims=1)
+        return out
 
 
 class LissaDivergenceError(RuntimeError):
@@ -118,9 +180,10 @@ class LissaInfluence(TorchInfluenceFunctionModel):
         self._mean_batch_size = sum(sizes) / len(sizes)
 
     def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        views = _tensor_dataset_batches(self._data)
         while True:
             empty = True
-            for batch in self._data:
+            for batch in self._data if views is None else views:
                 x, y = self._to_device(*split_batch(batch, "each batch of data"))
                 if x.shape[0]:
                     empty = False
@@ -146,6 +209,17 @@ class LissaInfluence(TorchInfluenceFunctionModel):
         shift = lam + dampen * scale
         # a convergent iteration with PSD batch curvatures stays below scale‖b‖ / (λ + dampen·scale)
         bound = 10 * scale * b_norm / shift if shift > 0 else None
+        keep = 1 - dampen - lam / scale  # h_{t+1} = b + keep · h_t − weight · H_t h_t / scale
+        if self.second_order_mode is SecondOrderMode.HESSIAN:
+            product = _HessianProducts(self.layout, self.loss, block)
+        else:
+
+            def product(x: Tensor, y: Tensor, V: Tensor) -> Tensor:
+                op = CurvatureOperator(
+                    self.layout, self.loss, [(x, y)], block, self.second_order_mode, lambda a, c: (a, c)
+                )
+                return op.matmat(V)
+
         h = rhs.clone()
         batches = self._batches()
         change = torch.zeros(rhs.shape[0], dtype=rhs.dtype, device=rhs.device)
@@ -154,15 +228,14 @@ class LissaInfluence(TorchInfluenceFunctionModel):
         with tqdm(total=self.maxiter, disable=not self.progress, desc=f"LiSSA {block.name}") as bar:
             for iteration in range(1, self.maxiter + 1):
                 x, y = next(batches)
-                op = CurvatureOperator(
-                    self.layout, self.loss, [(x, y)], block, self.second_order_mode, lambda a, c: (a, c)
-                )
                 weight = x.shape[0] / self._mean_batch_size  # a cycle over the loader averages to H
-                h_new = rhs + (1 - dampen) * h - (weight * op.matmat(h) + lam * h) / scale
-                if not bool(torch.isfinite(h_new).all()):
-                    raise self._diverged(block, iteration, "the iterates are no longer finite")
+                h_new = torch.add(rhs, h, alpha=keep)
+                h_new.add_(product(x, y, h), alpha=-weight / scale)
                 new_norm = torch.linalg.norm(h_new, dim=1)
-                change = torch.linalg.norm(h_new - h, dim=1) / new_norm.clamp_min(tiny)
+                # a non-finite entry makes its row's norm non-finite
+                if not bool(torch.isfinite(new_norm).all()):
+                    raise self._diverged(block, iteration, "the iterates are no longer finite")
+                change = torch.linalg.norm(h.sub_(h_new), dim=1) / new_norm.clamp_min(tiny)
                 h = h_new
                 if bound is not None and bool((new_norm > bound).any()):
                     raise self._diverged(
