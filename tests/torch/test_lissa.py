@@ -1,8 +1,13 @@
 """LissaInfluence against DirectInfluence and explicit float64 curvature matrices."""
 
-import pytest
-from helpers import CE, loader, rel
+import warnings
 
+import pytest
+import torch
+from helpers import CE, loader, rel
+from torch.utils.data import DataLoader, TensorDataset
+
+import infscale.torch.lissa as lissa_module
 from infscale.torch import BlockMode, DirectInfluence, LissaDivergenceError, LissaInfluence
 
 LAM = 0.1  # well conditioned: the curvature spectrum tops out near 0.72 (Hessian min ≈ -1e-2)
@@ -85,3 +90,51 @@ def test_bad_arguments(small_classifier):
     ]:
         with pytest.raises(ValueError, match=name):
             LissaInfluence(model, CE, LAM, **kw)
+
+
+def test_float_targets_mse_against_closed_form(linreg, ground_truth):
+    # Hessian products reverse over reverse: a floating-point target is a constant of the loss
+    truth = ground_truth.linreg(linreg, LAM)
+    scale = torch.linalg.eigvalsh(truth.solve).max().item()  # (μ + λ) / scale ∈ (0, 1]
+    lissa = LissaInfluence(linreg.model, linreg.loss, LAM, maxiter=2000, scale=scale, rtol=1e-9)
+    lissa.fit(linreg.loader())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # rtol 1e-9 may sit below float64 noise
+        factors = lissa.influence_factors(linreg.x_test, linreg.y_test)
+    assert rel(factors, truth.factors) < 1e-6
+
+
+def test_tensor_dataset_loader_with_drop_last_uses_only_full_batches(small_classifier, ground_truth):
+    model, x, y, xt, yt = small_classifier
+    # batches of 20 with drop_last: the last 10 samples never enter the curvature
+    data = DataLoader(TensorDataset(x, y), batch_size=20, drop_last=True)
+    A = ground_truth.hessian(model, CE, x[:20], y[:20]) + LAM * torch.eye(31, dtype=torch.float64)
+    scale = torch.linalg.eigvalsh(A).max().item()
+    lissa = LissaInfluence(model, CE, LAM, maxiter=3000, scale=scale, rtol=1e-10).fit(data)
+    exact = small_classifier.test_gradients @ torch.linalg.solve(A, small_classifier.train_gradients.T)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        approx = lissa.influences(xt, yt, x, y)
+    assert rel(approx, exact) < 1e-6
+    # the curvature of all 30 samples is a different matrix, far from this result
+    assert rel(approx, small_classifier.exact_influences("hessian", LAM)) > 1e-2
+
+
+def test_unequal_tensor_dataset_batches_equal_the_same_batches_as_a_list(small_classifier):
+    model, x, y, xt, yt = small_classifier
+    kw = dict(maxiter=40, scale=4.0, rtol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        from_loader = LissaInfluence(model, CE, LAM, **kw).fit(DataLoader(TensorDataset(x, y), batch_size=20))
+        from_list = LissaInfluence(model, CE, LAM, **kw).fit(loader(x, y, [20, 10]))
+        assert torch.allclose(from_loader.influences(xt, yt, x, y), from_list.influences(xt, yt, x, y))
+
+
+def test_right_hand_sides_in_chunks_self_influences(small_classifier, monkeypatch):
+    model, x, y, xt, yt = small_classifier
+    monkeypatch.setattr(lissa_module, "_VECTORS_TIMES_SAMPLES", 4 * 30)  # 4 vectors at a time: 8 chunks
+    lissa = LissaInfluence(model, CE, LAM, maxiter=1000, scale=SCALE, rtol=1e-6).fit(loader(x, y, [30]))
+    C = small_classifier.curvature("hessian") + LAM * torch.eye(31, dtype=torch.float64)
+    G = small_classifier.train_gradients
+    exact = (G * torch.linalg.solve(C, G.T).T).sum(dim=1)
+    assert rel(lissa.self_influences(x, y), exact) < 1e-5
