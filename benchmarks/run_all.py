@@ -67,26 +67,26 @@ SECTIONS = ["digits", "loo", "lds", "mislabel", "seed_example", "wide", "calcula
 # and docs/benchmarks-digits.md) plus margin; --budget scales them all proportionally.
 SECTION_BUDGETS = {
     # expected on an idle 2-core machine (s): digits ~400, loo ~30, lds ~60, seed ~60, wide ~640,
-    # calculators ~560, out_of_core ~240, cnn ~110: about 35 min of the 42.5 budgeted
+    # calculators ~560, out_of_core ~240, cnn ~110: about 35 min of the 42 budgeted
     "full": {
         "digits": 450,
-        "loo": 90,
-        "lds": 120,
+        "loo": 60,
+        "lds": 100,
         "mislabel": 10,
-        "seed_example": 120,
+        "seed_example": 90,
         "wide": 700,
-        "calculators": 600,
+        "calculators": 660,
         "out_of_core": 280,
         "cnn": 180,
     },
     "quick": {
-        "digits": 180,
+        "digits": 240,
         "loo": 40,
         "lds": 50,
         "mislabel": 10,
         "seed_example": 60,
-        "wide": 120,
-        "calculators": 120,
+        "wide": 180,
+        "calculators": 180,
         "out_of_core": 60,
         "cnn": 100,
     },
@@ -1272,7 +1272,7 @@ def parse_only(only: str | None) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="reduced sizes, a few minutes")
+    parser.add_argument("--quick", action="store_true", help="reduced sizes, at most about 15 min")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     parser.add_argument("--no-pydvl", action="store_true", help="skip the pyDVL side (no venv)")
     parser.add_argument(
