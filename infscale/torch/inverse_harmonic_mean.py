@@ -35,9 +35,13 @@ class InverseHarmonicMeanInfluence(TorchInfluenceFunctionModel):
     better than ``FULL``. There is no second-order mode: only gradients are used.
 
     Every query needs all training gradients: they are computed once at ``fit`` and
-    kept if n · p numbers fit in ``max_stored_gradient_bytes``; otherwise they are
-    recomputed from the fit loader at every query (one pass of per-sample gradients
-    per query, for all test points at once), which keeps memory at one batch.
+    kept (with the fit inputs, to recognize them) if they fit in
+    ``max_stored_gradient_bytes``; otherwise they are recomputed from the fit loader at
+    every query (one pass of per-sample gradients per query, for all test points at
+    once), which keeps memory at one batch. While they are kept, points of a query that
+    are a contiguous run of the fit data (in loader order, e.g. the whole training set
+    or a calculator's chunk of it) take their stored gradients instead of computing
+    them again.
 
     Args:
         model, loss, block_structure, gradient_chunk_size: see ``TorchInfluenceFunctionModel``.
@@ -67,6 +71,7 @@ class InverseHarmonicMeanInfluence(TorchInfluenceFunctionModel):
         self.max_stored_gradient_bytes = max_stored_gradient_bytes
         self._data: Iterable | None = None
         self._stored: Tensor | None = None
+        self._fit_inputs: tuple[Tensor, Tensor] | None = None
 
     @staticmethod
     def _check_positive(regularization: Mapping[str, float]) -> None:
@@ -90,22 +95,62 @@ class InverseHarmonicMeanInfluence(TorchInfluenceFunctionModel):
     def _fit(self, data: Iterable) -> None:
         self._data = data
         self._stored = None
+        self._fit_inputs = None
         budget = self.max_stored_gradient_bytes
         row_bytes = self.n_parameters * torch.finfo(self.dtype).bits // 8
         parts: list[Tensor] | None = []
-        n = 0
+        inputs: list[tuple[Tensor, Tensor]] = []
+        n, used = 0, 0
         for batch in data:
             x, y = self._to_device(*split_batch(batch, "each batch of data"))
             n += x.shape[0]
-            if parts is not None and n * row_bytes <= budget:
+            used += x.shape[0] * row_bytes + x.nbytes + y.nbytes
+            if parts is not None and used <= budget:
                 parts.append(self._gradients(x, y))
+                inputs.append((x, y))
             else:
-                parts = None  # over budget: recompute at every query
+                parts, inputs = None, []  # over budget: recompute at every query
         if n == 0:
             raise ValueError("InverseHarmonicMeanInfluence.fit(): the training data yielded no samples.")
         self.n_train = n
         if parts is not None:
             self._stored = torch.cat(parts)
+            try:
+                self._fit_inputs = (torch.cat([x for x, _ in inputs]), torch.cat([y for _, y in inputs]))
+            except RuntimeError:  # batches of different feature shapes: never matched
+                self._fit_inputs = None
+
+    #: at most this many positions of the fit data are compared with a query's first row
+    _MAX_CANDIDATES = 8
+
+    def _stored_rows(self, x: Tensor, y: Tensor) -> Tensor | None:
+        """The stored gradients of (x, y) if they are a contiguous run of the fit data, else None.
+
+        Found by the position of x's first row among the fit inputs, then checked exactly
+        (torch.equal on x and y), so a query that only resembles the fit data is never
+        served from the store.
+        """
+        if self._stored is None or self._fit_inputs is None:
+            return None
+        fit_x, fit_y = self._fit_inputs
+        n, m = fit_x.shape[0], x.shape[0]
+        if not 0 < m <= n or x.shape[1:] != fit_x.shape[1:] or y.shape[1:] != fit_y.shape[1:]:
+            return None
+        if x.dtype != fit_x.dtype or y.dtype != fit_y.dtype:
+            return None
+        if m == n:
+            starts = [0]
+        else:
+            first = (fit_x[: n - m + 1].reshape(n - m + 1, -1) == x[:1].reshape(1, -1)).all(dim=1)
+            starts = first.nonzero().flatten()[: self._MAX_CANDIDATES].tolist()
+        for s in starts:
+            if torch.equal(fit_x[s : s + m], x) and torch.equal(fit_y[s : s + m], y):
+                return self._stored[s : s + m]
+        return None
+
+    def _gradients(self, x: Tensor, y: Tensor) -> Tensor:
+        stored = self._stored_rows(x, y)
+        return stored if stored is not None else super()._gradients(x, y)
 
     def _training_gradients(self) -> Iterator[Tensor]:
         if self._stored is not None:

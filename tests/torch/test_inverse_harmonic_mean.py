@@ -94,3 +94,34 @@ def test_bad_arguments(small_classifier):
     ihm = InverseHarmonicMeanInfluence(model, CE, LAM)
     with pytest.raises(ValueError, match="before fit"):
         ihm.influences(small_classifier[3], small_classifier[4])
+
+
+def test_fit_rows_take_stored_gradients_and_other_rows_are_computed(small_classifier, monkeypatch):
+    """Points that are a contiguous run of the fit data reuse the stored gradients (no
+    new gradient pass); points that differ from it anywhere (here one label) do not."""
+    from infscale.torch.base import TorchInfluenceFunctionModel
+
+    model, x, y, xt, yt = small_classifier
+    ihm = InverseHarmonicMeanInfluence(model, CE, LAM).fit(loader(x, y, [13, 10, 7]))
+    computed = []
+    original = TorchInfluenceFunctionModel._gradients
+
+    def counting(self, a, b):
+        computed.append(a.shape[0])
+        return original(self, a, b)
+
+    monkeypatch.setattr(TorchInfluenceFunctionModel, "_gradients", counting)
+    G = small_classifier.train_gradients
+    P = inverse_harmonic_mean(G, [(slice(0, 31), LAM)])
+    exact = small_classifier.test_gradients @ P @ G.T
+    assert rel(ihm.influences(xt, yt, x, y), exact) < 1e-10
+    assert rel(ihm.influences(xt, yt, x[5:17], y[5:17]), exact[:, 5:17]) < 1e-10
+    assert computed == [10, 10]  # the test points only
+    assert rel(ihm.self_influences(x[20:], y[20:]), ((G[20:] @ P) * G[20:]).sum(1)) < 1e-10
+    assert rel(ihm.influences(x[:6], y[:6]), G[:6] @ P @ G[:6].T) < 1e-10
+    assert computed == [10, 10]
+    y_changed = y[5:17].clone()
+    y_changed[3] = (y_changed[3] + 1) % 3
+    exact_changed = small_classifier.test_gradients @ P @ small_classifier.gradients(x[5:17], y_changed).T
+    assert rel(ihm.influences(xt, yt, x[5:17], y_changed), exact_changed) < 1e-10
+    assert computed == [10, 10, 10, 12]
