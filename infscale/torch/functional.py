@@ -400,29 +400,38 @@ class CurvatureOperator:
 
         return f
 
-    def _batch_product(self, x: Tensor, y: Tensor, V: Tensor) -> Tensor:
+    def _batch_products(self, x: Tensor, y: Tensor) -> Callable[[Tensor], Tensor]:
+        """V (k, p_block) ↦ V Cᵀ for the curvature C of one batch's mean loss; the batch's
+        graph is built once and reused for every chunk of vectors."""
         block, layout = self.block, self.layout
-        tangents = layout.unflatten(V, block)
         model, fixed, loss = layout.model, self.fixed, self.loss
         if self.mode is SecondOrderMode.HESSIAN:
+            # reverse over reverse: the vector-Jacobian product of the batch gradient
+            def f(params):
+                return loss(functional_call(model, {**fixed, **params}, (x,)), y)
 
-            def f(params, yy):
-                return loss(functional_call(model, {**fixed, **params}, (x,)), yy)
+            _, hvp = vjp(grad(f), self.params)
 
-            g = grad(f)
-            out = vmap(lambda t: _jvp_with_target(g, self.params, t, y))(tangents)
-            return layout.flatten(out, block, batch_dims=1)
+            def hessian_products(V: Tensor) -> Tensor:
+                (res,) = vmap(hvp)(layout.unflatten(V, block))
+                return layout.flatten(res, block, batch_dims=1)
+
+            return hessian_products
 
         def outputs(params):
             return functional_call(model, {**fixed, **params}, (x,))
 
         out, vjp_fn = vjp(outputs, self.params)
-        jv = vmap(lambda t: jvp(outputs, (self.params,), (t,))[1])(tangents)
         out = out.detach()
         loss_grad = grad(loss)
-        hjv = vmap(lambda u: _jvp_with_target(loss_grad, out, u, y))(jv)
-        (res,) = vmap(vjp_fn)(hjv)
-        return layout.flatten(res, block, batch_dims=1)
+
+        def gauss_newton_products(V: Tensor) -> Tensor:
+            jv = vmap(lambda t: jvp(outputs, (self.params,), (t,))[1])(layout.unflatten(V, block))
+            hjv = vmap(lambda u: _jvp_with_target(loss_grad, out, u, y))(jv)
+            (res,) = vmap(vjp_fn)(hjv)
+            return layout.flatten(res, block, batch_dims=1)
+
+        return gauss_newton_products
 
     def matmat(self, V: Tensor) -> Tensor:
         """Curvature times each row of V: (k, p_block) → (k, p_block)."""
@@ -431,44 +440,53 @@ class CurvatureOperator:
         for batch in self.data:
             x, y = self.to_device(*split_batch(batch))
             b = x.shape[0]
+            if b == 0:
+                continue
+            products = self._batch_products(x, y)
             chunk = self.vector_chunk or max(1, VECTORS_TIMES_SAMPLES // max(b, 1))
             for s in range(0, V.shape[0], chunk):
-                total[s : s + chunk] += b * self._batch_product(x, y, V[s : s + chunk])
+                total[s : s + chunk] += b * products(V[s : s + chunk])
             n += b
         self.n_products += 1
         if n == 0:
             raise ValueError("the training data is empty: it yielded no samples.")
         return total / n
 
-    def _unit_columns(self, x: Tensor, y: Tensor, j: int, V: Tensor) -> Tensor:
-        """Curvature products of one batch with tangents V (k, numel_j) that live in the
-        block's parameter j only, restricted to the rows of parameters j, j+1, …: (k, rows).
+    def _unit_column_products(self, x: Tensor, y: Tensor, j: int) -> Callable[[Tensor], Tensor]:
+        """For one batch: V (k, numel_j), tangents that live in the block's parameter j only ↦
+        their curvature products restricted to the rows of parameters j, j+1, …: (k, rows).
 
-        Forward mode runs only from parameter j (the others carry no tangent) and reverse
-        mode only back to parameter j, so later parameters' columns are cheap; the rows of
-        earlier parameters follow from symmetry.
+        Differentiation runs only back to parameter j, so later parameters' columns are
+        cheap; the rows of earlier parameters follow from symmetry. The batch's graph is
+        built once and reused for every chunk of vectors.
         """
         block, model, loss = self.block, self.layout.model, self.loss
         names = block.parameter_names
         name_j = names[j]
         rows = names[j:]
+        shape_j = block.shapes[j]
         const = {**self.fixed, **{n: self.params[n] for n in names[:j]}}
         others = {n: self.params[n] for n in rows[1:]}
         p_j = self.params[name_j]
-        tangents = V.reshape(V.shape[0], *block.shapes[j])
 
         def flat(d: Mapping[str, Tensor], batch_dims: int = 0) -> Tensor:
             return torch.cat([d[n].reshape(*d[n].shape[:batch_dims], -1) for n in rows], dim=-1)
 
         if self.mode is SecondOrderMode.HESSIAN:
+            # reverse over reverse: the vector-Jacobian product of ∂L/∂θ_j over θ_j, θ_j+1, …
+            def gradient_j(ps: dict[str, Tensor]) -> Tensor:
+                def f(pj: Tensor) -> Tensor:
+                    return loss(functional_call(model, {**const, **ps, name_j: pj}, (x,)), y)
 
-            def row_gradient(pj: Tensor, yy: Tensor) -> Tensor:
-                def f(ps):
-                    return loss(functional_call(model, {**const, **ps}, (x,)), yy)
+                return grad(f)(ps[name_j])
 
-                return flat(grad(f)({**others, name_j: pj}))
+            _, vjp_j = vjp(gradient_j, {**others, name_j: p_j})
 
-            return vmap(lambda t: _jvp_with_target(row_gradient, p_j, t, y))(tangents)
+            def hessian_rows(V: Tensor) -> Tensor:
+                (res,) = vmap(vjp_j)(V.reshape(V.shape[0], *shape_j))
+                return flat(res, batch_dims=1)
+
+            return hessian_rows
 
         def outputs_rows(ps):
             return functional_call(model, {**const, **ps}, (x,))
@@ -477,12 +495,16 @@ class CurvatureOperator:
             return functional_call(model, {**const, **others, name_j: pj}, (x,))
 
         out, vjp_fn = vjp(outputs_rows, {**others, name_j: p_j})
-        jv = vmap(lambda t: jvp(outputs_j, (p_j,), (t,))[1])(tangents)
         out = out.detach()
         loss_grad = grad(loss)
-        hjv = vmap(lambda u: _jvp_with_target(loss_grad, out, u, y))(jv)
-        (res,) = vmap(vjp_fn)(hjv)
-        return flat(res, batch_dims=1)
+
+        def gauss_newton_rows(V: Tensor) -> Tensor:
+            jv = vmap(lambda t: jvp(outputs_j, (p_j,), (t,))[1])(V.reshape(V.shape[0], *shape_j))
+            hjv = vmap(lambda u: _jvp_with_target(loss_grad, out, u, y))(jv)
+            (res,) = vmap(vjp_fn)(hjv)
+            return flat(res, batch_dims=1)
+
+        return gauss_newton_rows
 
     def dense(self) -> Tensor:
         """The explicit (p_block, p_block) curvature matrix, symmetric.
@@ -507,11 +529,12 @@ class CurvatureOperator:
             chunk = self.vector_chunk or max(1, VECTORS_TIMES_SAMPLES // b)
             for j, numel in enumerate(block.numels):
                 o = offsets[j]
+                products = self._unit_column_products(x, y, j)
                 for s in range(0, numel, chunk):
                     e = min(s + chunk, numel)
                     V = torch.zeros(e - s, numel, dtype=layout.dtype, device=layout.device)
                     V[torch.arange(e - s), torch.arange(s, e)] = 1
-                    H[o + s : o + e, o:] += b * self._unit_columns(x, y, j, V)
+                    H[o + s : o + e, o:] += b * products(V)
             n += b
         self.n_products += 1
         if n == 0:
