@@ -7,7 +7,6 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vjp, vmap
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset, default_collate
 from tqdm.auto import tqdm
 
@@ -16,16 +15,12 @@ from .functional import (
     BlockMode,
     CurvatureOperator,
     LossFunction,
-    ParameterLayout,
     SecondOrderMode,
     _Block,
     split_batch,
 )
 
 __all__ = ["LissaInfluence", "LissaDivergenceError"]
-
-# Hessian products with at most this many (vector, sample) pairs at once (bounds the vmapped intermediates)
-_VECTORS_TIMES_SAMPLES = 131_072
 
 
 def _tensor_dataset_batches(data: Iterable) -> list[tuple[Tensor, ...]] | None:
@@ -45,36 +40,6 @@ def _tensor_dataset_batches(data: Iterable) -> list[tuple[Tensor, ...]] | None:
     n = len(data.dataset)
     stop = n - n % size if data.drop_last else n
     return [tuple(t[s : s + size] for t in tensors) for s in range(0, stop, size)]
-
-
-class _HessianProducts:
-    """Products of the Hessian of one batch's mean loss, restricted to a block, with many vectors.
-
-    Reverse over reverse: the batch gradient's graph is built once per batch, then its
-    vector-Jacobian product is vmapped over the vectors (chunks bound the intermediates).
-    """
-
-    def __init__(self, layout: ParameterLayout, loss: LossFunction, block: _Block):
-        self.layout, self.loss, self.block = layout, loss, block
-        self.params = layout.parameters(block)
-        self.fixed = layout.fixed_state(block)
-
-    def __call__(self, x: Tensor, y: Tensor, V: Tensor) -> Tensor:
-        layout, block, model, fixed, loss = self.layout, self.block, self.layout.model, self.fixed, self.loss
-
-        def batch_loss(params):
-            return loss(functional_call(model, {**fixed, **params}, (x,)), y)
-
-        _, vjp_fn = vjp(grad(batch_loss), self.params)
-        chunk = max(1, _VECTORS_TIMES_SAMPLES // max(1, x.shape[0]))
-        if V.shape[0] <= chunk:
-            (res,) = vmap(vjp_fn)(layout.unflatten(V, block))
-            return layout.flatten(res, block, batch_dims=1)
-        out = torch.empty_like(V)
-        for s in range(0, V.shape[0], chunk):
-            (res,) = vmap(vjp_fn)(layout.unflatten(V[s : s + chunk], block))
-            out[s : s + chunk] = layout.flatten(res, block, batch_dims=1)
-        return out
 
 
 class LissaDivergenceError(RuntimeError):
@@ -210,15 +175,12 @@ class LissaInfluence(TorchInfluenceFunctionModel):
         # a convergent iteration with PSD batch curvatures stays below scale‖b‖ / (λ + dampen·scale)
         bound = 10 * scale * b_norm / shift if shift > 0 else None
         keep = 1 - dampen - lam / scale  # h_{t+1} = b + keep · h_t − weight · H_t h_t / scale
-        if self.second_order_mode is SecondOrderMode.HESSIAN:
-            product = _HessianProducts(self.layout, self.loss, block)
-        else:
 
-            def product(x: Tensor, y: Tensor, V: Tensor) -> Tensor:
-                op = CurvatureOperator(
-                    self.layout, self.loss, [(x, y)], block, self.second_order_mode, lambda a, c: (a, c)
-                )
-                return op.matmat(V)
+        def product(x: Tensor, y: Tensor, V: Tensor) -> Tensor:
+            op = CurvatureOperator(
+                self.layout, self.loss, [(x, y)], block, self.second_order_mode, lambda a, c: (a, c)
+            )
+            return op.matmat(V)
 
         h = rhs.clone()
         batches = self._batches()
