@@ -53,6 +53,16 @@ class FactoredGradients(tuple):
         """The gradients of samples start … stop − 1."""
         return FactoredGradients(t[start:stop] for t in self)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.element_size() * t.numel() for t in self)
+
+    @staticmethod
+    def cat(parts: Sequence[FactoredGradients]) -> FactoredGradients:
+        """Samples of several factored forms of the same model, in order (raises
+        RuntimeError if their numbers of positions differ)."""
+        return FactoredGradients(torch.cat(items) for items in zip(*parts))
+
 
 @dataclass(frozen=True)
 class _LinearLayer:
@@ -352,6 +362,18 @@ class GradientEngine:
                     vals = torch.einsum("rki,ri->rk", p, a_s)
                 result[:, s : s + rows] += vals.view(-1, positions, k).sum(dim=1).T
         return result
+
+    def to_dense(self, gradients: FactoredGradients | Tensor) -> Tensor:
+        """The (n, size) per-sample gradients of a factored form (a dense one as it is)."""
+        if isinstance(gradients, Tensor):
+            return gradients
+        rest = gradients[0]
+        out = torch.empty(rest.shape[0], self.size, dtype=rest.dtype, device=rest.device)
+        for i, layer in enumerate(self.layers):
+            self._layer_gradient_into(out, layer, gradients[1 + 2 * i], gradients[2 + 2 * i])
+        if self.rest:
+            out[:, self.rest_index] = rest
+        return out
 
     # ---------------------------------------------------------------- sums and norms
     def _layers_within(self, columns: slice | None):

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .base import TorchInfluenceFunctionModel
 from .functional import BlockMode, LossFunction, SecondOrderMode, _Block, split_batch
+from .gradients import FactoredGradients
 
 __all__ = ["InverseHarmonicMeanInfluence"]
 
@@ -70,7 +71,7 @@ class InverseHarmonicMeanInfluence(TorchInfluenceFunctionModel):
             raise ValueError(f"max_stored_gradient_bytes must be ≥ 0; got {max_stored_gradient_bytes}.")
         self.max_stored_gradient_bytes = max_stored_gradient_bytes
         self._data: Iterable | None = None
-        self._stored: Tensor | None = None
+        self._stored: Tensor | FactoredGradients | None = None
         self._fit_inputs: tuple[Tensor, Tensor] | None = None
 
     @staticmethod
@@ -97,16 +98,19 @@ class InverseHarmonicMeanInfluence(TorchInfluenceFunctionModel):
         self._stored = None
         self._fit_inputs = None
         budget = self.max_stored_gradient_bytes
-        row_bytes = self.n_parameters * torch.finfo(self.dtype).bits // 8
-        parts: list[Tensor] | None = []
+        parts: list | None = []
         inputs: list[tuple[Tensor, Tensor]] = []
         n, used = 0, 0
         for batch in data:
             x, y = self._to_device(*split_batch(batch, "each batch of data"))
             n += x.shape[0]
-            used += x.shape[0] * row_bytes + x.nbytes + y.nbytes
-            if parts is not None and used <= budget:
-                parts.append(self._gradients(x, y))
+            if parts is None:
+                continue
+            # per-sample gradients, factored (far smaller) for nn.Linear layers
+            gradients = self._engine.factored(x, y, self._chunk(x))
+            used += _nbytes(gradients) + x.nbytes + y.nbytes
+            if used <= budget:
+                parts.append(gradients)
                 inputs.append((x, y))
             else:
                 parts, inputs = None, []  # over budget: recompute at every query
@@ -114,7 +118,7 @@ class InverseHarmonicMeanInfluence(TorchInfluenceFunctionModel):
             raise ValueError("InverseHarmonicMeanInfluence.fit(): the training data yielded no samples.")
         self.n_train = n
         if parts is not None:
-            self._stored = torch.cat(parts)
+            self._stored = _concatenate(parts, self._engine)
             try:
                 self._fit_inputs = (torch.cat([x for x, _ in inputs]), torch.cat([y for _, y in inputs]))
             except RuntimeError:  # batches of different feature shapes: never matched
@@ -145,22 +149,27 @@ class InverseHarmonicMeanInfluence(TorchInfluenceFunctionModel):
             starts = first.nonzero().flatten()[: self._MAX_CANDIDATES].tolist()
         for s in starts:
             if torch.equal(fit_x[s : s + m], x) and torch.equal(fit_y[s : s + m], y):
-                return self._stored[s : s + m]
+                return _rows(self._stored, s, s + m)
         return None
 
     def _gradients(self, x: Tensor, y: Tensor) -> Tensor:
         stored = self._stored_rows(x, y)
-        return stored if stored is not None else super()._gradients(x, y)
+        return self._engine.to_dense(stored) if stored is not None else super()._gradients(x, y)
 
-    def _training_gradients(self) -> Iterator[Tensor]:
+    def _train_gradients(self, x: Tensor, y: Tensor) -> Tensor | FactoredGradients:
+        stored = self._stored_rows(x, y)
+        return stored if stored is not None else self._engine.factored(x, y, self._chunk(x))
+
+    def _training_gradients(self) -> Iterator[Tensor | FactoredGradients]:
         if self._stored is not None:
-            for s in range(0, self._stored.shape[0], _ROWS_PER_STEP):
-                yield self._stored[s : s + _ROWS_PER_STEP]
+            n = self.n_train
+            for s in range(0, n, _ROWS_PER_STEP):
+                yield _rows(self._stored, s, min(s + _ROWS_PER_STEP, n))
             return
         for batch in self._data:
             x, y = self._to_device(*split_batch(batch, "each batch of data"))
             if x.shape[0]:
-                yield self._gradients(x, y)
+                yield self._engine.factored(x, y, self._chunk(x))
 
     def _solve(self, gradients: Tensor) -> Tensor:
         return self._solve_blocks(self.layout.blocks, gradients)
@@ -174,11 +183,13 @@ class InverseHarmonicMeanInfluence(TorchInfluenceFunctionModel):
         """Σᵢ Sherman–Morrison over the training gradients, one pass for the given blocks."""
         correction = torch.zeros_like(rhs)
         if rhs.shape[0]:
+            engine = self._engine
             for G in self._training_gradients():
                 for b in blocks:
-                    Gb = G[:, b.slice]
-                    weights = 1.0 / (self.regularization[b.name] + (Gb * Gb).sum(dim=1))  # (m,)
-                    correction[:, b.slice] += ((rhs[:, b.slice] @ Gb.T) * weights) @ Gb
+                    cols = b.slice
+                    weights = 1.0 / (self.regularization[b.name] + engine.squared_norms(G, cols))  # (m,)
+                    coefficients = engine.products(rhs, G, cols) * weights  # (k, m)
+                    correction[:, cols] += engine.weighted_sums(coefficients, G, cols)[:, cols]
         out = torch.zeros_like(rhs)
         for b in blocks:
             lam = self.regularization[b.name]
@@ -190,3 +201,26 @@ class InverseHarmonicMeanInfluence(TorchInfluenceFunctionModel):
         new = self._copy_with_regularization(hessian_regularization)
         self._check_positive(new.regularization)
         return new
+
+
+def _nbytes(gradients: Tensor | FactoredGradients) -> int:
+    if isinstance(gradients, FactoredGradients):
+        return gradients.nbytes
+    return gradients.element_size() * gradients.numel()
+
+
+def _rows(gradients: Tensor | FactoredGradients, start: int, stop: int) -> Tensor | FactoredGradients:
+    if isinstance(gradients, FactoredGradients):
+        return gradients.rows(start, stop)
+    return gradients[start:stop]
+
+
+def _concatenate(parts: list, engine) -> Tensor | FactoredGradients:
+    """One store from the batches' gradients: factored if every batch is (with the same
+    number of positions), else dense."""
+    if parts and all(isinstance(p, FactoredGradients) for p in parts):
+        try:
+            return FactoredGradients.cat(parts)
+        except RuntimeError:
+            pass
+    return torch.cat([engine.to_dense(p) for p in parts])

@@ -99,18 +99,23 @@ def test_bad_arguments(small_classifier):
 def test_fit_rows_take_stored_gradients_and_other_rows_are_computed(small_classifier, monkeypatch):
     """Points that are a contiguous run of the fit data reuse the stored gradients (no
     new gradient pass); points that differ from it anywhere (here one label) do not."""
-    from infscale.torch.base import TorchInfluenceFunctionModel
+    from infscale.torch.gradients import GradientEngine
 
     model, x, y, xt, yt = small_classifier
     ihm = InverseHarmonicMeanInfluence(model, CE, LAM).fit(loader(x, y, [13, 10, 7]))
     computed = []
-    original = TorchInfluenceFunctionModel._gradients
 
-    def counting(self, a, b):
-        computed.append(a.shape[0])
-        return original(self, a, b)
+    def counting(method):
+        original = getattr(GradientEngine, method)
 
-    monkeypatch.setattr(TorchInfluenceFunctionModel, "_gradients", counting)
+        def counted(self, a, b, *args):
+            computed.append(a.shape[0])
+            return original(self, a, b, *args)
+
+        monkeypatch.setattr(GradientEngine, method, counted)
+
+    counting("gradients")  # dense per-sample gradients (test side)
+    counting("factored")  # factored training gradients (never falls back here: Linear layers only)
     G = small_classifier.train_gradients
     P = inverse_harmonic_mean(G, [(slice(0, 31), LAM)])
     exact = small_classifier.test_gradients @ P @ G.T
