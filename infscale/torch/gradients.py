@@ -32,6 +32,25 @@ __all__ = ["GradientEngine", "FactoredGradients"]
 PRODUCT_CHUNK_FLOATS = 2**22
 #: rows of one batched forward/backward
 ROWS_PER_PASS = 1024
+#: the factored contraction writes and reads k·T·min(in, out) intermediate numbers per sample and
+#: layer, forming the gradients in·out; measured on a 2-core CPU (128-256-256-10 MLP, 2,000 samples):
+#: k = 20 factored 3.5× faster, k = 100 formed 1.2× faster, k = 500 formed 3.4× faster
+_FACTORED_COST = 4
+
+
+def _form_weight_gradients(k: int, positions: int, width_in: int, width_out: int) -> bool:
+    """Whether k factors meet a layer's per-sample weight gradients more cheaply by forming
+    them chunk by chunk (in·out numbers per sample, then one matrix product) than through
+    the factored contraction (k·T·min(in, out) intermediate numbers per sample). Few factors
+    on wide layers: factored; many factors or narrow layers: formed."""
+    return _FACTORED_COST * k * positions * min(width_in, width_out) >= width_in * width_out
+
+
+def _weight_gradients(a: Tensor, d: Tensor) -> Tensor:
+    """Σ_t δ_t a_tᵀ per sample: (r, out, in)."""
+    if a.shape[1] == 1:
+        return d[:, 0, :, None] * a[:, 0, None, :]
+    return torch.bmm(d.transpose(1, 2), a)
 
 
 class FactoredGradients(tuple):
@@ -340,27 +359,29 @@ class GradientEngine:
             if not use_w:
                 continue
             F = factors[:, layer.weight_index].reshape(k, layer.out_features, layer.in_features)
-            if positions * k > positions + k:
-                # cheaper to form the per-sample weight gradients chunk by chunk
+            if _form_weight_gradients(k, positions, layer.in_features, layer.out_features):
                 rows = max(1, PRODUCT_CHUNK_FLOATS // (layer.out_features * layer.in_features))
                 flat = F.reshape(k, -1)
                 for s in range(0, n, rows):
-                    g = torch.bmm(d[s : s + rows].transpose(1, 2), a[s : s + rows])
+                    g = _weight_gradients(a[s : s + rows], d[s : s + rows])
                     result[:, s : s + rows] += flat @ g.reshape(g.shape[0], -1).T
                 continue
             width_in, width_out = layer.in_features, layer.out_features
             rows = max(1, PRODUCT_CHUNK_FLOATS // (k * positions * min(width_in, width_out)))
+            # contract over the wider side in a matrix product, the narrower one elementwise
+            # (the factor matrix is arranged once, not per chunk)
+            if width_out <= width_in:
+                wide_side, narrow_side, narrow = a, d, width_out
+                M = F.reshape(k * width_out, width_in).T  # (in, k·out)
+            else:
+                wide_side, narrow_side, narrow = d, a, width_in
+                M = F.transpose(1, 2).reshape(k * width_in, width_out).T  # (out, k·in)
             for s in range(0, n, rows):
-                a_s = a[s : s + rows].reshape(-1, width_in)  # (r·T, in)
-                d_s = d[s : s + rows].reshape(-1, width_out)  # (r·T, out)
-                if width_out <= width_in:
-                    # (r·T, in) @ (in, k·out) → (r·T, k, out), times δ, summed over out
-                    p = (a_s @ F.reshape(k * width_out, width_in).T).view(-1, k, width_out)
-                    vals = torch.einsum("rko,ro->rk", p, d_s)
-                else:
-                    p = (d_s @ F.transpose(1, 2).reshape(k * width_in, width_out).T).view(-1, k, width_in)
-                    vals = torch.einsum("rki,ri->rk", p, a_s)
-                result[:, s : s + rows] += vals.view(-1, positions, k).sum(dim=1).T
+                w_s = wide_side[s : s + rows].reshape(-1, wide_side.shape[2])  # (r·T, wide)
+                n_s = narrow_side[s : s + rows].reshape(-1, narrow, 1)  # (r·T, narrow, 1)
+                p = (w_s @ M).view(-1, k, narrow)  # (r·T, k, narrow)
+                vals = torch.bmm(p, n_s).view(-1, positions, k)  # summed over the narrow side
+                result[:, s : s + rows] += vals.sum(dim=1).T
         return result
 
     def to_dense(self, gradients: FactoredGradients | Tensor) -> Tensor:
@@ -421,7 +442,13 @@ class GradientEngine:
             n, positions, width_out = d.shape
             if use_b:
                 out[:, layer.bias_index] = weights @ d.sum(dim=1)
-            if use_w:
+            if use_w and _form_weight_gradients(k, positions, layer.in_features, width_out):
+                flat = out[:, layer.weight_index]
+                rows = max(1, PRODUCT_CHUNK_FLOATS // (width_out * layer.in_features))
+                for s in range(0, n, rows):
+                    g = _weight_gradients(a[s : s + rows], d[s : s + rows])
+                    flat += weights[:, s : s + rows] @ g.reshape(g.shape[0], -1)
+            elif use_w:
                 view = out[:, layer.weight_index].view(k, width_out, layer.in_features)
                 rows = max(1, PRODUCT_CHUNK_FLOATS // max(1, k * positions * width_out))
                 for s in range(0, n, rows):

@@ -13,7 +13,7 @@ from torch import nn
 
 from infscale.torch import DirectInfluence
 from infscale.torch.functional import ParameterLayout, gradient_engine
-from infscale.torch.gradients import FactoredGradients
+from infscale.torch.gradients import FactoredGradients, _form_weight_gradients
 
 
 @pytest.fixture(autouse=True)
@@ -250,3 +250,24 @@ def test_influences_through_the_factored_path_match_dense_gradients():
     )
     with pytest.raises(ValueError, match="up mode"):
         infl.influences_from_representation(factors, representation, mode="perturbation")
+
+
+@pytest.mark.parametrize("k", [2, 300])
+def test_few_and_many_factors_take_either_contraction(k):
+    """Few factors contract with the factored form; many factors on a narrow layer form the
+    per-sample weight gradients chunk by chunk. Both equal the explicit products and sums."""
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(6, 40), nn.Tanh(), nn.Linear(40, 3))
+    many = k > 100
+    for layer in (model[0], model[2]):  # which contraction each layer takes
+        assert _form_weight_gradients(k, 1, layer.in_features, layer.out_features) is many
+    g = torch.Generator().manual_seed(10)
+    x, y = torch.randn(13, 6, generator=g), torch.randint(0, 3, (13,), generator=g)
+    engine = gradient_engine(ParameterLayout(model), nn.functional.cross_entropy)
+    reference = reference_gradients(model, engine.loss, x, y)
+    factored = engine.factored(x, y, chunk_size=4)
+    assert isinstance(factored, FactoredGradients)
+    factors = torch.randn(k, engine.size, generator=g)
+    weights = torch.randn(k, 13, generator=g)
+    torch.testing.assert_close(engine.products(factors, factored), factors @ reference.T)
+    torch.testing.assert_close(engine.weighted_sums(weights, factored), weights @ reference)
