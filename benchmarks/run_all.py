@@ -64,7 +64,7 @@ LABEL = {
 # Everything that sets the size of the run. "full" must finish in about 40 min on an idle 2-core machine.
 SECTIONS = ["digits", "loo", "lds", "mislabel", "seed_example", "wide", "calculators", "out_of_core", "cnn"]
 # Seconds per section (full mode), from the timings of the 20-minute run of 2026-11-28 (docs/benchmarks.md
-# and docs/benchmarks-digits.md) plus margin; --budget scales them all proportionally.
+# and its earlier runs) plus margin; --budget scales them all proportionally.
 SECTION_BUDGETS = {
     # expected on an idle 2-core machine (s): digits ~400, loo ~30, lds ~60, seed ~60, wide ~640,
     # calculators ~560, out_of_core ~240, cnn ~110: about 35 min of the 42 budgeted
