@@ -270,7 +270,6 @@ def per_sample_gradients(
     y: Tensor,
     chunk_size: int | None = None,
     block: _Block | None = None,
-    engine: GradientEngine | None = None,
 ) -> Tensor:
     """Per-sample gradients ∇_θ ℓ(x_i, y_i), shape (n, p) (p of the block if given).
 
@@ -278,7 +277,7 @@ def per_sample_gradients(
     ``infscale.torch.gradients``); other parameters from ``vmap(grad)`` in chunks of
     ``chunk_size`` samples, so memory stays bounded by chunk_size · (p + activations).
     """
-    engine = engine or gradient_engine(layout, loss, block)
+    engine = gradient_engine(layout, loss, block)
     chunk = chunk_size or default_chunk_size(engine.size, x.element_size())
     return engine.gradients(x, y, chunk)
 
@@ -433,17 +432,21 @@ class CurvatureOperator:
 
         return gauss_newton_products
 
+    def _batches(self) -> Iterable[tuple[Tensor, Tensor]]:
+        """The non-empty (x, y) batches of the data, on the model's device."""
+        for batch in self.data:
+            x, y = self.to_device(*split_batch(batch))
+            if x.shape[0]:
+                yield x, y
+
     def matmat(self, V: Tensor) -> Tensor:
         """Curvature times each row of V: (k, p_block) → (k, p_block)."""
         total = torch.zeros_like(V)
         n = 0
-        for batch in self.data:
-            x, y = self.to_device(*split_batch(batch))
+        for x, y in self._batches():
             b = x.shape[0]
-            if b == 0:
-                continue
             products = self._batch_products(x, y)
-            chunk = self.vector_chunk or max(1, VECTORS_TIMES_SAMPLES // max(b, 1))
+            chunk = self.vector_chunk or max(1, VECTORS_TIMES_SAMPLES // b)
             for s in range(0, V.shape[0], chunk):
                 total[s : s + chunk] += b * products(V[s : s + chunk])
             n += b
@@ -521,11 +524,8 @@ class CurvatureOperator:
         for numel in block.numels:
             offsets.append(offsets[-1] + numel)
         n = 0
-        for batch in self.data:
-            x, y = self.to_device(*split_batch(batch))
+        for x, y in self._batches():
             b = x.shape[0]
-            if b == 0:
-                continue
             chunk = self.vector_chunk or max(1, VECTORS_TIMES_SAMPLES // b)
             for j, numel in enumerate(block.numels):
                 o = offsets[j]

@@ -248,56 +248,60 @@ class GradientEngine:
         scale = reference.norm() + dense_first.norm()
         return bool((dense_first - reference).norm() <= tol * scale + 1e-30)
 
-    def _batched(self, x: Tensor, y: Tensor, check: bool):
-        """Captured (a, δ) of x, or None when the batched path doesn't apply to this model."""
+    def _batched(self, x: Tensor, y: Tensor):
+        """Captured (a, δ) of x, checked on its first sample against vmap(grad); None when the
+        batched path doesn't apply to this model (then it never will)."""
         if not self._batched_allowed():
             return None
         captured = self._capture(x, y)
         if captured is None:
             self.batched_ok = False
             return None
-        if check:
-            first = torch.zeros(1, self.size, dtype=self._dtype, device=x.device)
-            for layer, (a, d) in zip(self.layers, captured):
-                self._layer_gradient_into(first, layer, a[:1], d[:1])
-            if self.rest:
-                first[:, self.rest_index] = self._vmap_gradients(self.rest, x[:1], y[:1])
-            if not self._matches_vmap(first[0], x, y):
-                self.batched_ok = False
-                return None
+        first = torch.zeros(1, self.size, dtype=self._dtype, device=x.device)
+        for layer, (a, d) in zip(self.layers, captured):
+            self._layer_gradient_into(first, layer, a[:1], d[:1])
+        if self.rest:
+            first[:, self.rest_index] = self._vmap_gradients(self.rest, x[:1], y[:1])
+        if not self._matches_vmap(first[0], x, y):
+            self.batched_ok = False
+            return None
         return captured
 
     # ---------------------------------------------------------------- public
+    def _vmap_into(
+        self, out: Tensor, names: list[str], columns, x: Tensor, y: Tensor, chunk_size: int
+    ) -> None:
+        """Writes vmap(grad) gradients of ``names`` into ``out[:, columns]``, chunk by chunk."""
+        for s in range(0, x.shape[0], chunk_size):
+            out[s : s + chunk_size, columns] = self._vmap_gradients(
+                names, x[s : s + chunk_size], y[s : s + chunk_size]
+            )
+
     def gradients(self, x: Tensor, y: Tensor, chunk_size: int) -> Tensor:
         """Per-sample gradients, (n, size)."""
         n = x.shape[0]
-        if n == 0:
-            return torch.zeros(0, self.size, dtype=self._dtype, device=x.device)
-        captured = self._batched(x[: min(n, ROWS_PER_PASS)], y[: min(n, ROWS_PER_PASS)], check=True)
-        if captured is None:
-            parts = [
-                self._vmap_gradients(self.names, x[s : s + chunk_size], y[s : s + chunk_size])
-                for s in range(0, n, chunk_size)
-            ]
-            return torch.cat(parts)
         out = torch.empty(n, self.size, dtype=self._dtype, device=x.device)
-        step = min(n, ROWS_PER_PASS)
-        for s in range(0, n, step):
-            xs, ys = x[s : s + step], y[s : s + step]
-            cap = captured if s == 0 else self._capture(xs, ys)
+        captured = self._batched(x[:ROWS_PER_PASS], y[:ROWS_PER_PASS]) if n else None
+        if captured is None:
+            self._vmap_into(out, self.names, slice(None), x, y, chunk_size)
+            return out
+        for s in range(0, n, ROWS_PER_PASS):
+            rows = slice(s, s + ROWS_PER_PASS)
+            cap = captured if s == 0 else self._capture(x[rows], y[rows])
+            if cap is None:  # this chunk can't take the batched path: vmap gives the same values
+                self._vmap_into(out[rows], self.names, slice(None), x[rows], y[rows], chunk_size)
+                continue
             for layer, (a, d) in zip(self.layers, cap):
-                self._layer_gradient_into(out[s : s + step], layer, a, d)
+                self._layer_gradient_into(out[rows], layer, a, d)
             if self.rest:
-                for r in range(s, s + xs.shape[0], chunk_size):
-                    e = min(r + chunk_size, s + xs.shape[0])
-                    out[r:e, self.rest_index] = self._vmap_gradients(self.rest, x[r:e], y[r:e])
+                self._vmap_into(out[rows], self.rest, self.rest_index, x[rows], y[rows], chunk_size)
         return out
 
     def factored(self, x: Tensor, y: Tensor, chunk_size: int) -> FactoredGradients | Tensor:
         """Per-sample gradients in factored form, or dense (n, size) if the batched path
         doesn't apply (then the caller gets the same values, slower)."""
         n = x.shape[0]
-        captured = self._batched(x[:ROWS_PER_PASS], y[:ROWS_PER_PASS], check=True) if n else None
+        captured = self._batched(x[:ROWS_PER_PASS], y[:ROWS_PER_PASS]) if n else None
         if captured is None:
             return self.gradients(x, y, chunk_size)
         parts = [captured] + [
