@@ -290,12 +290,15 @@ class SmallClassifier:
         return self._cached("test_gradients", lambda: self.gradients(self.x_test, self.y_test))
 
     def curvature(self, mode: str) -> Tensor:
-        """The explicit Hessian or Gauss-Newton matrix (31, 31) of the mean training loss."""
+        """The explicit Hessian, Gauss-Newton matrix or empirical Fisher (31, 31) of the mean
+        training loss (the last from the jacobian-per-sample gradients)."""
         if mode == "hessian":
             return self._cached(mode, lambda: explicit_hessian(self.model, self.loss, self.x, self.y))
         if mode == "gauss_newton":
             return self._cached(mode, lambda: explicit_gauss_newton(self.model, self.loss, self.x, self.y))
-        raise ValueError(f"mode must be 'hessian' or 'gauss_newton'; got {mode!r}.")
+        if mode == "empirical_fisher":
+            return self._cached(mode, lambda: self.train_gradients.T @ self.train_gradients / len(self.x))
+        raise ValueError(f"mode must be 'hessian', 'gauss_newton' or 'empirical_fisher'; got {mode!r}.")
 
     def exact_influences(self, mode: str, regularization) -> Tensor:
         """G_test (C + Λ)⁻¹ G_trainᵀ with C the explicit curvature and Λ the block-diagonal

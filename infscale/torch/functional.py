@@ -17,8 +17,9 @@ from enum import Enum
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vjp, vmap
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset, default_collate
 
-from .gradients import GradientEngine
+from .gradients import FactoredGradients, GradientEngine
 
 __all__ = [
     "BlockMode",
@@ -39,6 +40,11 @@ DEFAULT_GRADIENT_MEMORY = 256 * 2**20
 #: curvature products batch this many (vector, sample) pairs at once; measured on
 #: the digits MLP, larger vmap batches run slower (cache), smaller ones add overhead
 VECTORS_TIMES_SAMPLES = 131_072
+#: consecutive loader batches smaller than this many rows (and bytes of input) are concatenated
+#: before a curvature product: the mean curvature is the same (batches are weighted by size) and
+#: small batches are overhead-bound (seed example, batches of 10: 12 autograd passes → 1 per product)
+MERGE_ROWS = 1024
+MERGE_BYTES = 2**26
 
 
 class SecondOrderMode(str, Enum):
@@ -47,10 +53,16 @@ class SecondOrderMode(str, Enum):
     - ``HESSIAN``: the Hessian of the mean training loss.
     - ``GAUSS_NEWTON``: the generalized Gauss-Newton matrix Jᵀ ∇²_out ℓ J averaged
       over samples; positive semi-definite for convex losses (cross-entropy, MSE).
+    - ``EMPIRICAL_FISHER``: the mean of the per-sample gradient outer products
+      (1/n) Σᵢ ∇ℓᵢ ∇ℓᵢᵀ; positive semi-definite for any loss, and the cheapest: its
+      products need only per-sample gradients. At a well-fitted model its eigenvalues are
+      small (the gradients are), so λ weighs more than with the other two. (pyDVL 0.10
+      calls this matrix ``GAUSS_NEWTON``.)
     """
 
     HESSIAN = "hessian"
     GAUSS_NEWTON = "gauss_newton"
+    EMPIRICAL_FISHER = "empirical_fisher"
 
 
 class BlockMode(str, Enum):
@@ -229,6 +241,25 @@ def split_batch(batch, argument: str = "batch") -> tuple[Tensor, Tensor]:
     )
 
 
+def tensor_dataset_batches(data: Iterable) -> list[tuple[Tensor, ...]] | None:
+    """The batches of a sequential, default-collated DataLoader over a TensorDataset, as views
+    (slices) of the dataset's tensors: the same values the loader yields, without the per-sample
+    indexing and stacking of each pass. None for any other iterable (it is iterated as given)."""
+    if not (
+        isinstance(data, DataLoader)
+        and type(data.dataset) is TensorDataset
+        and type(data.sampler) is SequentialSampler
+        and type(data.batch_sampler) is BatchSampler
+        and data.collate_fn is default_collate
+        and data.batch_size is not None
+    ):
+        return None
+    tensors, size = data.dataset.tensors, data.batch_size
+    n = len(data.dataset)
+    stop = n - n % size if data.drop_last else n
+    return [tuple(t[s : s + size] for t in tensors) for s in range(0, stop, size)]
+
+
 def _jvp_with_target(fn, primal, tangent, y: Tensor):
     """The tangent output of ``fn(primal, y)`` along ``tangent``, y held fixed.
 
@@ -361,7 +392,7 @@ class CurvatureOperator:
         loss: the loss function ``loss(outputs, targets)``, averaging over the batch.
         data: an iterable of batches (x, y, ...), re-iterated on every product.
         block: the block (default: the first, i.e. the whole model in FULL mode).
-        mode: Hessian or Gauss-Newton.
+        mode: Hessian, Gauss-Newton or empirical Fisher.
         to_device: called on each (x, y) to move it to the model's device and dtype.
         vector_chunk: products with at most this many vectors at once.
     """
@@ -386,6 +417,14 @@ class CurvatureOperator:
         self.params = layout.parameters(block)
         self.fixed = layout.fixed_state(block)
         self.n_products = 0  # number of passes over the data, for diagnostics
+        self._engine: GradientEngine | None = None
+
+    def _gradients(self, x: Tensor, y: Tensor) -> tuple[GradientEngine, FactoredGradients | Tensor]:
+        """The block's per-sample gradients of one batch (factored where the model allows)."""
+        if self._engine is None:
+            self._engine = gradient_engine(self.layout, self.loss, self.block)
+        engine = self._engine
+        return engine, engine.factored(x, y, default_chunk_size(engine.size, x.element_size()))
 
     @property
     def size(self) -> int:
@@ -404,6 +443,15 @@ class CurvatureOperator:
         graph is built once and reused for every chunk of vectors."""
         block, layout = self.block, self.layout
         model, fixed, loss = layout.model, self.fixed, self.loss
+        if self.mode is SecondOrderMode.EMPIRICAL_FISHER:
+            # (1/b) Gᵀ (G v): two products with the batch's per-sample gradients
+            engine, G = self._gradients(x, y)
+            b = x.shape[0]
+
+            def fisher_products(V: Tensor) -> Tensor:
+                return engine.weighted_sums(engine.products(V, G), G) / b
+
+            return fisher_products
         if self.mode is SecondOrderMode.HESSIAN:
             # reverse over reverse: the vector-Jacobian product of the batch gradient
             def f(params):
@@ -433,11 +481,28 @@ class CurvatureOperator:
         return gauss_newton_products
 
     def _batches(self) -> Iterable[tuple[Tensor, Tensor]]:
-        """The non-empty (x, y) batches of the data, on the model's device."""
-        for batch in self.data:
+        """The non-empty (x, y) batches of the data, on the model's device; consecutive small
+        batches are concatenated up to ``MERGE_ROWS`` rows and ``MERGE_BYTES`` bytes of input."""
+        pending: list[tuple[Tensor, Tensor]] = []
+        rows = nbytes = 0
+
+        def merged() -> tuple[Tensor, Tensor]:
+            if len(pending) == 1:
+                return pending[0]
+            return torch.cat([x for x, _ in pending]), torch.cat([y for _, y in pending])
+
+        for batch in tensor_dataset_batches(self.data) or self.data:
             x, y = self.to_device(*split_batch(batch))
-            if x.shape[0]:
-                yield x, y
+            if not x.shape[0]:
+                continue
+            size = x.element_size() * x.numel()
+            if pending and (rows + x.shape[0] > MERGE_ROWS or nbytes + size > MERGE_BYTES):
+                yield merged()
+                pending, rows, nbytes = [], 0, 0
+            pending.append((x, y))
+            rows, nbytes = rows + x.shape[0], nbytes + size
+        if pending:
+            yield merged()
 
     def matmat(self, V: Tensor) -> Tensor:
         """Curvature times each row of V: (k, p_block) → (k, p_block)."""
@@ -509,6 +574,22 @@ class CurvatureOperator:
 
         return gauss_newton_rows
 
+    def _dense_empirical_fisher(self, H: Tensor) -> Tensor:
+        """(1/n) Σᵢ gᵢ gᵢᵀ accumulated into H, per-sample gradients a bounded chunk of rows at a time."""
+        n = 0
+        for x, y in self._batches():
+            rows = default_chunk_size(H.shape[0], x.element_size())
+            for s in range(0, x.shape[0], rows):
+                engine, G = self._gradients(x[s : s + rows], y[s : s + rows])
+                G = engine.to_dense(G)
+                H.addmm_(G.T, G)
+            n += x.shape[0]
+        self.n_products += 1
+        if n == 0:
+            raise ValueError("the training data is empty: it yielded no samples.")
+        H /= n
+        return (H + H.T) / 2
+
     def dense(self) -> Tensor:
         """The explicit (p_block, p_block) curvature matrix, symmetric.
 
@@ -520,6 +601,8 @@ class CurvatureOperator:
         block, layout = self.block, self.layout
         p = block.size
         H = torch.zeros(p, p, dtype=layout.dtype, device=layout.device)
+        if self.mode is SecondOrderMode.EMPIRICAL_FISHER:
+            return self._dense_empirical_fisher(H)
         offsets = [0]
         for numel in block.numels:
             offsets.append(offsets[-1] + numel)

@@ -7,7 +7,6 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, TensorDataset, default_collate
 from tqdm.auto import tqdm
 
 from .base import TorchInfluenceFunctionModel
@@ -18,28 +17,10 @@ from .functional import (
     SecondOrderMode,
     _Block,
     split_batch,
+    tensor_dataset_batches,
 )
 
 __all__ = ["LissaInfluence", "LissaDivergenceError"]
-
-
-def _tensor_dataset_batches(data: Iterable) -> list[tuple[Tensor, ...]] | None:
-    """The batches of a sequential, default-collated DataLoader over a TensorDataset, as views
-    (slices) of the dataset's tensors: the same values the loader yields, without the per-sample
-    indexing and stacking of each pass. None for any other iterable (it is iterated as given)."""
-    if not (
-        isinstance(data, DataLoader)
-        and type(data.dataset) is TensorDataset
-        and type(data.sampler) is SequentialSampler
-        and type(data.batch_sampler) is BatchSampler
-        and data.collate_fn is default_collate
-        and data.batch_size is not None
-    ):
-        return None
-    tensors, size = data.dataset.tensors, data.batch_size
-    n = len(data.dataset)
-    stop = n - n % size if data.drop_last else n
-    return [tuple(t[s : s + size] for t in tensors) for s in range(0, stop, size)]
 
 
 class LissaDivergenceError(RuntimeError):
@@ -145,7 +126,7 @@ class LissaInfluence(TorchInfluenceFunctionModel):
         self._mean_batch_size = sum(sizes) / len(sizes)
 
     def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
-        views = _tensor_dataset_batches(self._data)
+        views = tensor_dataset_batches(self._data)
         while True:
             empty = True
             for batch in self._data if views is None else views:

@@ -148,3 +148,25 @@ def test_empty_data_raises():
         op.matmat(torch.eye(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="empty"):
         op.dense()
+
+
+def test_small_batches_are_merged_without_changing_the_mean_curvature(mlp, ground_truth, monkeypatch):
+    """Consecutive small batches are concatenated (up to MERGE_ROWS rows) before a product; a DataLoader
+    over a TensorDataset is read as slices. The products equal the explicit Hessian either way."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import infscale.torch.functional as F
+
+    p = mlp
+    H = ground_truth.hessian(p.model, p.loss, p.x, p.y)
+    layout = ParameterLayout(p.model)
+    V = torch.randn(3, H.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    monkeypatch.setattr(F, "MERGE_ROWS", 16)
+    for data in (p.loader(7), DataLoader(TensorDataset(p.x, p.y), batch_size=7)):  # 40 = 5·7 + 5
+        op = CurvatureOperator(layout, p.loss, data, layout.blocks[0], "hessian", identity)
+        assert [x.shape[0] for x, _ in op._batches()] == [14, 14, 12]
+        assert ground_truth.relerr(op.matmat(V), V @ H) < 1e-12
+    monkeypatch.setattr(F, "MERGE_ROWS", 1)  # nothing merged
+    op = CurvatureOperator(layout, p.loss, p.loader(7), layout.blocks[0], "hessian", identity)
+    assert [x.shape[0] for x, _ in op._batches()] == [7, 7, 7, 7, 7, 5]
+    assert ground_truth.relerr(op.matmat(V), V @ H) < 1e-12
