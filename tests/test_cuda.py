@@ -51,10 +51,10 @@ METHODS = {  # exact at these settings (full rank, tight tolerances) except LiSS
 FIT_BATCHES = {"lissa": [30]}  # LiSSA converges on full batches (cycled unequal batches add noise)
 
 
+@pytest.mark.parametrize("mode", ["gauss_newton", "empirical_fisher"])  # PSD: Nyström applies too
 @pytest.mark.parametrize("method", list(METHODS))
-def test_methods_on_cuda_match_the_explicit_curvature(small_classifier, method):
+def test_methods_on_cuda_match_the_explicit_curvature(small_classifier, method, mode):
     make, tolerance = METHODS[method]
-    mode = "gauss_newton"  # positive definite: every method applies, Nyström included
     model, x, y, xt, yt = to_cuda(small_classifier)
     fitted = make(model, mode).fit(loader(x, y, FIT_BATCHES.get(method, [13, 10, 7])))
     got = fitted.influences(xt, yt, x, y)
