@@ -176,8 +176,16 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Iterable]):
         return self._to_device(x, y)
 
     def _curvature_operator(self, data: Iterable, block: _Block, mode=None) -> CurvatureOperator:
+        # one block holds every trainable parameter: share the model's gradient engine
+        engine = self._engine if len(self.layout.blocks) == 1 else None
         return CurvatureOperator(
-            self.layout, self.loss, data, block, mode or self.second_order_mode, self._to_device
+            self.layout,
+            self.loss,
+            data,
+            block,
+            mode or self.second_order_mode,
+            self._to_device,
+            engine=engine,
         )
 
     @property

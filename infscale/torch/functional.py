@@ -395,6 +395,8 @@ class CurvatureOperator:
         mode: Hessian, Gauss-Newton or empirical Fisher.
         to_device: called on each (x, y) to move it to the model's device and dtype.
         vector_chunk: products with at most this many vectors at once.
+        engine: the block's per-sample gradient engine (empirical Fisher), to share one across
+            operators (it remembers which inputs passed its check); default: a new one.
     """
 
     def __init__(
@@ -406,6 +408,7 @@ class CurvatureOperator:
         mode: SecondOrderMode,
         to_device: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
         vector_chunk: int | None = None,
+        engine: GradientEngine | None = None,
     ):
         self.layout = layout
         self.loss = loss
@@ -417,7 +420,7 @@ class CurvatureOperator:
         self.params = layout.parameters(block)
         self.fixed = layout.fixed_state(block)
         self.n_products = 0  # number of passes over the data, for diagnostics
-        self._engine: GradientEngine | None = None
+        self._engine = engine
 
     def _gradients(self, x: Tensor, y: Tensor) -> tuple[GradientEngine, FactoredGradients | Tensor]:
         """The block's per-sample gradients of one batch (factored where the model allows)."""

@@ -28,8 +28,16 @@ from torch.func import functional_call, grad, vmap
 
 __all__ = ["GradientEngine", "FactoredGradients"]
 
-#: floats of intermediate (rows × factors × width) held at once in products
+#: floats of intermediate (rows × factors × width) held at once in products (CPU: cache-sized;
+#: an accelerator takes 16× larger chunks, fewer kernel launches)
 PRODUCT_CHUNK_FLOATS = 2**22
+ACCELERATOR_CHUNK_FLOATS = 2**26
+
+
+def _chunk_floats(t: Tensor) -> int:
+    return PRODUCT_CHUNK_FLOATS if t.device.type == "cpu" else ACCELERATOR_CHUNK_FLOATS
+
+
 #: rows of one batched forward/backward
 ROWS_PER_PASS = 1024
 #: the factored contraction writes and reads k·T·min(in, out) intermediate numbers per sample and
@@ -132,6 +140,7 @@ class GradientEngine:
         self.rest_index = _slice_or_index(positions)
         self.rest_index_list = positions
         self.batched_ok = bool(self.layers)
+        self._verified: set[tuple] = set()  # input signatures whose batched gradients matched vmap
 
     # ---------------------------------------------------------------- structure
     def _linear_layers(self, offsets) -> list[_LinearLayer]:
@@ -249,14 +258,19 @@ class GradientEngine:
         return bool((dense_first - reference).norm() <= tol * scale + 1e-30)
 
     def _batched(self, x: Tensor, y: Tensor):
-        """Captured (a, δ) of x, checked on its first sample against vmap(grad); None when the
-        batched path doesn't apply to this model (then it never will)."""
+        """Captured (a, δ) of x, checked on its first sample against vmap(grad) the first time
+        inputs of this feature shape, dtype and device come (the failure modes — samples that
+        interact, a weight used outside its module — belong to the model, not to the values);
+        None when the batched path doesn't apply to this model (then it never will)."""
         if not self._batched_allowed():
             return None
         captured = self._capture(x, y)
         if captured is None:
             self.batched_ok = False
             return None
+        signature = (tuple(x.shape[1:]), x.dtype, tuple(y.shape[1:]), y.dtype, x.device)
+        if signature in self._verified:
+            return captured
         first = torch.zeros(1, self.size, dtype=self._dtype, device=x.device)
         for layer, (a, d) in zip(self.layers, captured):
             self._layer_gradient_into(first, layer, a[:1], d[:1])
@@ -265,6 +279,7 @@ class GradientEngine:
         if not self._matches_vmap(first[0], x, y):
             self.batched_ok = False
             return None
+        self._verified.add(signature)
         return captured
 
     # ---------------------------------------------------------------- public
@@ -364,14 +379,14 @@ class GradientEngine:
                 continue
             F = factors[:, layer.weight_index].reshape(k, layer.out_features, layer.in_features)
             if _form_weight_gradients(k, positions, layer.in_features, layer.out_features):
-                rows = max(1, PRODUCT_CHUNK_FLOATS // (layer.out_features * layer.in_features))
+                rows = max(1, _chunk_floats(factors) // (layer.out_features * layer.in_features))
                 flat = F.reshape(k, -1)
                 for s in range(0, n, rows):
                     g = _weight_gradients(a[s : s + rows], d[s : s + rows])
                     result[:, s : s + rows] += flat @ g.reshape(g.shape[0], -1).T
                 continue
             width_in, width_out = layer.in_features, layer.out_features
-            rows = max(1, PRODUCT_CHUNK_FLOATS // (k * positions * min(width_in, width_out)))
+            rows = max(1, _chunk_floats(factors) // (k * positions * min(width_in, width_out)))
             # contract over the wider side in a matrix product, the narrower one elementwise
             # (the factor matrix is arranged once, not per chunk)
             if width_out <= width_in:
@@ -448,13 +463,13 @@ class GradientEngine:
                 out[:, layer.bias_index] = weights @ d.sum(dim=1)
             if use_w and _form_weight_gradients(k, positions, layer.in_features, width_out):
                 flat = out[:, layer.weight_index]
-                rows = max(1, PRODUCT_CHUNK_FLOATS // (width_out * layer.in_features))
+                rows = max(1, _chunk_floats(weights) // (width_out * layer.in_features))
                 for s in range(0, n, rows):
                     g = _weight_gradients(a[s : s + rows], d[s : s + rows])
                     flat += weights[:, s : s + rows] @ g.reshape(g.shape[0], -1)
             elif use_w:
                 view = out[:, layer.weight_index].view(k, width_out, layer.in_features)
-                rows = max(1, PRODUCT_CHUNK_FLOATS // max(1, k * positions * width_out))
+                rows = max(1, _chunk_floats(weights) // max(1, k * positions * width_out))
                 for s in range(0, n, rows):
                     wd = weights[:, s : s + rows, None, None] * d[None, s : s + rows]  # (k, r, T, out)
                     wd = wd.reshape(k, -1, width_out).transpose(1, 2)  # (k, out, r·T)

@@ -16,6 +16,7 @@ from .functional import (
     LossFunction,
     SecondOrderMode,
     _Block,
+    gradient_engine,
     split_batch,
     tensor_dataset_batches,
 )
@@ -157,9 +158,17 @@ class LissaInfluence(TorchInfluenceFunctionModel):
         bound = 10 * scale * b_norm / shift if shift > 0 else None
         keep = 1 - dampen - lam / scale  # h_{t+1} = b + keep · h_t − weight · H_t h_t / scale
 
+        engine = gradient_engine(self.layout, self.loss, block)  # shared by every iteration's product
+
         def product(x: Tensor, y: Tensor, V: Tensor) -> Tensor:
             op = CurvatureOperator(
-                self.layout, self.loss, [(x, y)], block, self.second_order_mode, lambda a, c: (a, c)
+                self.layout,
+                self.loss,
+                [(x, y)],
+                block,
+                self.second_order_mode,
+                lambda a, c: (a, c),
+                engine=engine,
             )
             return op.matmat(V)
 

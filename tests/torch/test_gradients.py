@@ -271,3 +271,24 @@ def test_few_and_many_factors_take_either_contraction(k):
     weights = torch.randn(k, 13, generator=g)
     torch.testing.assert_close(engine.products(factors, factored), factors @ reference.T)
     torch.testing.assert_close(engine.weighted_sums(weights, factored), weights @ reference)
+
+
+def test_the_check_runs_once_per_input_signature(monkeypatch):
+    """The one-sample comparison with vmap(grad) runs the first time inputs of a feature shape,
+    dtype and device come; later calls with the same signature reuse the verdict, and the values
+    stay those of the one-sample autograd loop."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    loss = nn.functional.cross_entropy
+    engine = gradient_engine(ParameterLayout(model), loss)
+    checks = []
+    original = engine._matches_vmap
+    monkeypatch.setattr(engine, "_matches_vmap", lambda *a: checks.append(1) or original(*a))
+    for n in (5, 7, 5):
+        x, y = torch.randn(n, 3), torch.randint(0, 2, (n,))
+        got = engine.to_dense(engine.factored(x, y, 64))
+        assert torch.allclose(got, reference_gradients(model, loss, x, y), rtol=1e-10, atol=1e-12)
+    assert len(checks) == 1
+    soft = torch.softmax(torch.randn(4, 2), dim=1)  # class probabilities: another target signature
+    engine.factored(torch.randn(4, 3), soft, 64)
+    assert len(checks) == 2
