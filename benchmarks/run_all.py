@@ -1431,6 +1431,8 @@ def main() -> int:
         "- Sign convention (infscale): influence = ∇ℓ(z_test)ᵀ (H + λI)⁻¹ ∇ℓ(z_train); positive = the "
         "training point helps (lowers the test loss); removing point i changes the test loss by about "
         "+influence / n_train.",
+        "- On a GPU (the wide MLP at its full 500 × 10,000 size, both libraries): "
+        "[benchmarks-gpu.md](benchmarks-gpu.md), made by `benchmarks/gpu.py` on a lent H200.",
         "",
         "## Summary",
         "",
