@@ -1432,7 +1432,8 @@ def main() -> int:
         "training point helps (lowers the test loss); removing point i changes the test loss by about "
         "+influence / n_train.",
         "- On a GPU (the wide MLP at its full 500 × 10,000 size, both libraries): "
-        "[benchmarks-gpu.md](benchmarks-gpu.md), made by `benchmarks/gpu.py` on a lent H200.",
+        "[benchmarks-gpu.md](benchmarks-gpu.md), made by `benchmarks/gpu.py` on a lent H200. pyDVL's "
+        "calculators without the 150 s cap: [benchmarks-extra.md](benchmarks-extra.md).",
         "",
         "## Summary",
         "",
