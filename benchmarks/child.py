@@ -170,6 +170,25 @@ def warm_up(model, loss, x, y) -> None:
     jvp(lambda p: grad(batch_loss)(p, x[:2], y[:2]), (params,), (params,))
 
 
+def bench_cluster(n_workers: int, lib: str):
+    """(LocalCluster, Client) with the settings every Dask benchmark uses: worker processes with one
+    thread each, no memory limit, one BLAS thread; the library is imported on each worker first
+    (start-up, not timed). The caller closes both."""
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        memory_limit=0,
+        env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+    )
+    client = Client(cluster)
+    client.run(warm_worker, lib)
+    return cluster, client
+
+
 def warm_worker(lib: str) -> bool:
     """Run on each Dask worker before the timer starts: import the library and pay torch.func's
     one-time start-up there too (as ``warm_up`` does in the driver)."""
@@ -291,20 +310,8 @@ def query(spec, lib, infl, x_tr, y_tr, x_te, y_te, bs):
     elif task == "dask":
         if dask_cls is None:
             raise ModuleNotFoundError("DaskInfluenceCalculator not available")
-        from distributed import Client, LocalCluster
-
-        n_workers = spec.get("n_workers", 2)
-        cluster = LocalCluster(
-            n_workers=n_workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            memory_limit=0,
-            env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
-        )
-        client = Client(cluster)
+        cluster, client = bench_cluster(spec.get("n_workers", 2), lib)
         try:
-            client.run(warm_worker, lib)  # library imports on the workers: start-up, not timed
             da_x, da_y = util.torch_dataset_to_dask_array(TensorDataset(x_tr, y_tr), chunk_size=bs)
             da_xt, da_yt = util.torch_dataset_to_dask_array(TensorDataset(x_te, y_te), chunk_size=test_bs)
             converter = util.TorchNumpyConverter(device=torch.device("cpu"))

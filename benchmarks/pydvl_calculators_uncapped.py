@@ -48,19 +48,8 @@ def main(which: str) -> dict:
         lazy.to_zarr(path, util.TorchNumpyConverter())
         t2 = time.perf_counter()
     else:
-        from distributed import Client, LocalCluster
-
-        cluster = LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            memory_limit=0,
-            env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
-        )
-        client = Client(cluster)
+        cluster, client = child.bench_cluster(2, "pydvl")
         try:
-            client.run(child.warm_worker, "pydvl")
             da_x, da_y = util.torch_dataset_to_dask_array(TensorDataset(x, y), chunk_size=1000)
             da_xt, da_yt = util.torch_dataset_to_dask_array(TensorDataset(xt, yt), chunk_size=100)
             converter = util.TorchNumpyConverter(device=torch.device("cpu"))

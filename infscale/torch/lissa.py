@@ -158,7 +158,9 @@ class LissaInfluence(TorchInfluenceFunctionModel):
         bound = 10 * scale * b_norm / shift if shift > 0 else None
         keep = 1 - dampen - lam / scale  # h_{t+1} = b + keep · h_t − weight · H_t h_t / scale
 
-        engine = gradient_engine(self.layout, self.loss, block)  # shared by every iteration's product
+        # the empirical Fisher's per-sample gradient engine, shared by every iteration's product
+        ef = self.second_order_mode is SecondOrderMode.EMPIRICAL_FISHER
+        engine = gradient_engine(self.layout, self.loss, block) if ef else None
 
         def product(x: Tensor, y: Tensor, V: Tensor) -> Tensor:
             op = CurvatureOperator(
