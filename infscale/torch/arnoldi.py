@@ -273,26 +273,11 @@ class ArnoldiInfluence(TorchInfluenceFunctionModel):
     def _project(self, vectors: Tensor) -> Tensor:
         return torch.cat([vectors[:, b.slice] @ self.eigenvectors[b.name] for b in self.layout.blocks], dim=1)
 
-    def _basis_rows(self) -> Tensor:
-        """The eigenvectors of every block as rows of the full parameter space: (Σ rank_b, p)."""
-        rows = torch.zeros(
-            sum(v.shape[1] for v in self.eigenvectors.values()),
-            self.n_parameters,
-            dtype=self.dtype,
-            device=self.device,
-        )
-        r = 0
-        for b in self.layout.blocks:
-            V = self.eigenvectors[b.name]
-            rows[r : r + V.shape[1], b.slice] = V.T
-            r += V.shape[1]
-        return rows
-
     def _train_gradients(self, x: Tensor, y: Tensor) -> Tensor:
         chunk = self.gradient_chunk_size or default_chunk_size(
             self.n_parameters, torch.finfo(self.dtype).bits // 8
         )
-        basis = self._basis_rows()
+        basis = self._block_rows(self.eigenvectors)
         parts = []
         for s in range(0, len(x), chunk):
             gradients = self._engine.factored(x[s : s + chunk], y[s : s + chunk], chunk)

@@ -28,6 +28,7 @@ from .functional import (
     block_regularization,
     default_chunk_size,
     gradient_engine,
+    loader_batches,
     perturbation_influences,
     self_perturbation_influences,
     split_batch,
@@ -128,7 +129,7 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Iterable]):
         Returns self. Raises ValueError for empty data or batches that are not (x, y).
         """
         try:
-            first = next(iter(data))
+            first = next(iter(loader_batches(data)))
         except StopIteration:
             raise ValueError("data (the training data loader) is empty: it yielded no batch.") from None
         except TypeError:
@@ -216,6 +217,22 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Iterable]):
             and cls._train_gradients is base._train_gradients
             and cls._from_gradients is base._from_gradients
         )
+
+    def _block_rows(self, columns: Mapping[str, Tensor]) -> Tensor:
+        """Each block's (p_block, r_block) vectors as rows of the full parameter space, zero
+        outside the block: (Σ r_block, p), blocks in order."""
+        rows = torch.zeros(
+            sum(columns[b.name].shape[1] for b in self.layout.blocks),
+            self.n_parameters,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        r = 0
+        for b in self.layout.blocks:
+            V = columns[b.name]
+            rows[r : r + V.shape[1], b.slice] = V.T
+            r += V.shape[1]
+        return rows
 
     def _solve(self, gradients: Tensor) -> Tensor:
         return torch.cat([self._solve_block(b, gradients[:, b.slice]) for b in self.layout.blocks], dim=1)

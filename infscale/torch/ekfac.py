@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from ..base import InfluenceMode
 from .base import TorchInfluenceFunctionModel
-from .functional import _Block, _parse_enum, default_chunk_size, split_batch
+from .functional import _Block, _parse_enum, default_chunk_size, loader_batches, split_batch
 
 __all__ = ["EkfacInfluence", "EkfacLoss", "FisherType"]
 
@@ -413,7 +413,7 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
 
     # ------------------------------------------------------------------ fit
     def _batches(self, data: Iterable, desc: str):
-        for batch in tqdm(data, desc=desc, disable=not self.progress):
+        for batch in tqdm(loader_batches(data), desc=desc, disable=not self.progress):
             x, y = self._to_device(*split_batch(batch, "each batch of data"))
             self._check_targets(y, "the training labels", f"{type(self).__name__}.fit()")
             yield x, y

@@ -31,6 +31,7 @@ __all__ = [
     "self_perturbation_influences",
     "CurvatureOperator",
     "split_batch",
+    "loader_batches",
 ]
 
 LossFunction = Callable[[Tensor, Tensor], Tensor]
@@ -258,6 +259,13 @@ def tensor_dataset_batches(data: Iterable) -> list[tuple[Tensor, ...]] | None:
     n = len(data.dataset)
     stop = n - n % size if data.drop_last else n
     return [tuple(t[s : s + size] for t in tensors) for s in range(0, stop, size)]
+
+
+def loader_batches(data: Iterable) -> Iterable:
+    """The batches of ``data`` in order: slices of the tensors for a sequential DataLoader over a
+    TensorDataset (``tensor_dataset_batches``), else ``data`` itself, iterated as given."""
+    views = tensor_dataset_batches(data)
+    return data if views is None else views
 
 
 def _jvp_with_target(fn, primal, tangent, y: Tensor):
@@ -494,7 +502,7 @@ class CurvatureOperator:
                 return pending[0]
             return torch.cat([x for x, _ in pending]), torch.cat([y for _, y in pending])
 
-        for batch in tensor_dataset_batches(self.data) or self.data:
+        for batch in loader_batches(self.data):
             x, y = self.to_device(*split_batch(batch))
             if not x.shape[0]:
                 continue

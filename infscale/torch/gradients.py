@@ -403,6 +403,86 @@ class GradientEngine:
                 result[:, s : s + rows] += vals.sum(dim=1).T
         return result
 
+    def gram_width(self, gradients: FactoredGradients | Tensor, columns: slice | None = None) -> int:
+        """Numbers multiplied per pair of samples by ``gram`` on this form: the parameter count for
+        dense gradients; for factored ones, T²·(in + out) per covered weight (the inner product of two
+        rank-T gradients), or in·out where forming them is cheaper."""
+        if isinstance(gradients, Tensor):
+            return self.size if columns is None else columns.stop - columns.start
+        keep = self._rest_within(columns)
+        width = len(self.rest_index_list) if keep is None else int(keep.numel())
+        for i, layer, use_w, use_b in self._layers_within(columns):
+            positions = gradients[1 + 2 * i].shape[1]
+            if use_b:
+                width += layer.out_features
+            if use_w:
+                ghost = positions * positions * (layer.in_features + layer.out_features)
+                width += min(ghost, layer.in_features * layer.out_features)
+        return width
+
+    def gram(
+        self,
+        left: FactoredGradients | Tensor,
+        right: FactoredGradients | Tensor,
+        columns: slice | None = None,
+    ) -> Tensor:
+        """Inner products of two sets of per-sample gradients, ``G_left G_rightᵀ``: (n_left, n_right).
+
+        With both in factored form, a covered layer's part needs no (n, in·out) gradients:
+        ⟨Σ_t δ_t a_tᵀ, Σ_s δ'_s a'_sᵀ⟩ = Σ_{t,s} (δ_t·δ'_s)(a_t·a'_s), T²·(in + out) numbers per pair
+        instead of in·out (the weight gradients are formed only where that is cheaper). With
+        ``columns`` (a slice of the flat vector) only those parameters take part.
+        """
+        if isinstance(left, Tensor) and isinstance(right, Tensor):
+            cols = columns or slice(0, self.size)
+            return left[:, cols] @ right[:, cols].T
+        if isinstance(left, Tensor):
+            return self.products(left, right, columns)
+        if isinstance(right, Tensor):
+            return self.products(right, left, columns).T
+        rest_l, rest_r = left[0], right[0]
+        n_left, n_right = rest_l.shape[0], rest_r.shape[0]
+        result = torch.zeros(n_left, n_right, dtype=rest_l.dtype, device=rest_l.device)
+        if self.rest:
+            keep = self._rest_within(columns)
+            if keep is None:
+                result += rest_l @ rest_r.T
+            elif keep.numel():
+                result += rest_l[:, keep] @ rest_r[:, keep].T
+        for i, layer, use_w, use_b in self._layers_within(columns):
+            a_l, d_l, a_r, d_r = left[1 + 2 * i], left[2 + 2 * i], right[1 + 2 * i], right[2 + 2 * i]
+            positions = a_l.shape[1]
+            if positions == 0 or a_r.shape[1] == 0:
+                continue
+            if use_b:
+                result += d_l.sum(dim=1) @ d_r.sum(dim=1).T
+            if use_w:
+                self._weight_gram_into(result, layer, a_l, d_l, a_r, d_r)
+        return result
+
+    def _weight_gram_into(self, result: Tensor, layer, a_l, d_l, a_r, d_r) -> None:
+        """Adds ⟨∇_W ℓ_left, ∇_W ℓ_right⟩ of one covered layer to ``result`` (n_left, n_right)."""
+        n_left, t_l, width_in = a_l.shape
+        n_right, t_r, width_out = d_r.shape
+        if t_l == 1 and t_r == 1:
+            result += (a_l[:, 0] @ a_r[:, 0].T) * (d_l[:, 0] @ d_r[:, 0].T)
+            return
+        if t_l * t_r * (width_in + width_out) <= width_in * width_out:
+            rows = max(1, _chunk_floats(result) // max(1, t_l * n_right * t_r))
+            A_r, D_r = a_r.reshape(-1, width_in), d_r.reshape(-1, width_out)
+            for s in range(0, n_left, rows):
+                A = a_l[s : s + rows].reshape(-1, width_in) @ A_r.T  # (r·T, n_right·T)
+                A *= d_l[s : s + rows].reshape(-1, width_out) @ D_r.T
+                result[s : s + rows] += A.view(-1, t_l, n_right, t_r).sum(dim=(1, 3))
+            return
+        numel = width_in * width_out
+        rows = max(1, _chunk_floats(result) // numel)
+        for s in range(0, n_left, rows):
+            W_l = _weight_gradients(a_l[s : s + rows], d_l[s : s + rows]).reshape(-1, numel)
+            for u in range(0, n_right, rows):
+                W_r = _weight_gradients(a_r[u : u + rows], d_r[u : u + rows]).reshape(-1, numel)
+                result[s : s + rows, u : u + rows] += W_l @ W_r.T
+
     def to_dense(self, gradients: FactoredGradients | Tensor) -> Tensor:
         """The (n, size) per-sample gradients of a factored form (a dense one as it is)."""
         if isinstance(gradients, Tensor):

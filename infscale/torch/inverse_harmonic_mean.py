@@ -7,8 +7,9 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from ..base import InfluenceMode
 from .base import TorchInfluenceFunctionModel
-from .functional import BlockMode, LossFunction, SecondOrderMode, _Block, split_batch
+from .functional import BlockMode, LossFunction, SecondOrderMode, _Block, loader_batches, split_batch
 from .gradients import FactoredGradients
 
 __all__ = ["InverseHarmonicMeanInfluence"]
@@ -101,7 +102,7 @@ class InverseHarmonicMeanInfluence(TorchInfluenceFunctionModel):
         parts: list | None = []
         inputs: list[tuple[Tensor, Tensor]] = []
         n, used = 0, 0
-        for batch in data:
+        for batch in loader_batches(data):
             x, y = self._to_device(*split_batch(batch, "each batch of data"))
             n += x.shape[0]
             if parts is None:
@@ -166,10 +167,53 @@ class InverseHarmonicMeanInfluence(TorchInfluenceFunctionModel):
             for s in range(0, n, _ROWS_PER_STEP):
                 yield _rows(self._stored, s, min(s + _ROWS_PER_STEP, n))
             return
-        for batch in self._data:
+        for batch in loader_batches(self._data):
             x, y = self._to_device(*split_batch(batch, "each batch of data"))
             if x.shape[0]:
                 yield self._engine.factored(x, y, self._chunk(x))
+
+    def _influences(self, x_test, y_test, x, y, mode, symmetric) -> Tensor:
+        if mode is not InfluenceMode.Up:
+            return super()._influences(x_test, y_test, x, y, mode, symmetric)
+        test = self._train_gradients(x_test, y_test)
+        train = test if symmetric else self._train_gradients(x, y)
+        if self._gram_cheaper(test, train):
+            return self._gram_influences(test, train)
+        factors = self._solve(self._engine.to_dense(test))
+        return self._from_gradients(factors, train)
+
+    def _gram_cheaper(self, test, train) -> bool:
+        """Whether influences through inner products of gradients (``_gram_influences``) take
+        fewer multiplications than through the test factors (n_test × p, then × n_train)."""
+        engine = self._engine
+        n_test, n_fit = test.shape[0] if isinstance(test, Tensor) else test.n_samples, self.n_train
+        n_train = train.shape[0] if isinstance(train, Tensor) else train.n_samples
+        width = max(engine.gram_width(test), engine.gram_width(train))
+        gram = width * (n_test * n_fit + n_fit * n_train + n_test * n_train)
+        gram += len(self.layout.blocks) * n_test * n_fit * n_train
+        return gram < self.n_parameters * n_test * (2 * n_fit + n_train)
+
+    def _gram_influences(self, test, train) -> Tensor:
+        """Per block, with K the inner products of per-sample gradients (test t, training
+        point j, fit sample i) and cᵢ = 1 / (λ + ‖gᵢ‖²)::
+
+            influence(t, j) = (K_tj − (1/n) Σᵢ K_ti cᵢ K_ij) / λ
+
+        the same numbers as through the factors, without forming a p-vector per test point:
+        for nn.Linear layers every K comes from the factored gradients (``GradientEngine.gram``).
+        """
+        engine = self._engine
+        out = None
+        for G in self._training_gradients():
+            for b in self.layout.blocks:
+                cols, lam = b.slice, self.regularization[b.name]
+                weights = 1.0 / (lam + engine.squared_norms(G, cols))
+                term = (engine.gram(test, G, cols) * weights) @ engine.gram(G, train, cols)
+                term /= -self.n_train * lam
+                out = term if out is None else out.add_(term)
+        for b in self.layout.blocks:
+            out += engine.gram(test, train, b.slice) / self.regularization[b.name]
+        return out
 
     def _solve(self, gradients: Tensor) -> Tensor:
         return self._solve_blocks(self.layout.blocks, gradients)

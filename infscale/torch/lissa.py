@@ -17,8 +17,8 @@ from .functional import (
     SecondOrderMode,
     _Block,
     gradient_engine,
+    loader_batches,
     split_batch,
-    tensor_dataset_batches,
 )
 
 __all__ = ["LissaInfluence", "LissaDivergenceError"]
@@ -121,16 +121,16 @@ class LissaInfluence(TorchInfluenceFunctionModel):
 
     def _fit(self, data: Iterable) -> None:
         self._data = data
-        sizes = [split_batch(batch, "each batch of data")[0].shape[0] for batch in data]
+        sizes = [split_batch(batch, "each batch of data")[0].shape[0] for batch in loader_batches(data)]
         if sum(sizes) == 0:
             raise ValueError("LissaInfluence.fit(): the training data yielded no samples.")
         self._mean_batch_size = sum(sizes) / len(sizes)
 
     def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
-        views = tensor_dataset_batches(self._data)
+        batches = loader_batches(self._data)
         while True:
             empty = True
-            for batch in self._data if views is None else views:
+            for batch in batches:
                 x, y = self._to_device(*split_batch(batch, "each batch of data"))
                 if x.shape[0]:
                     empty = False

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from ..base import InfluenceMode
 from .base import TorchInfluenceFunctionModel
 from .functional import BlockMode, LossFunction, SecondOrderMode, _Block
 from .preconditioner import nystroem_sketch
@@ -120,6 +121,37 @@ class NystroemSketchInfluence(TorchInfluenceFunctionModel):
         lam = self.regularization[block.name]
         proj = rhs @ U
         return (rhs - proj @ U.T) / lam + (proj / (sigma + lam)) @ U.T
+
+    def _influences(self, x_test, y_test, x, y, mode, symmetric) -> Tensor:
+        """Up mode through the sketch's structure, per block (P = Uᵀ g, d = 1/(σ+λ) − 1/λ)::
+
+            g_testᵀ (UΣUᵀ + λI)⁻¹ g = (g_test · g) / λ + P_testᵀ diag(d) P
+
+        The inner products g_test · g come from the factored gradients of nn.Linear layers
+        (``GradientEngine.gram``) where that is cheaper than p numbers per pair; the
+        projections P need products with the rank vectors only. Same numbers as the factors
+        (H + λI)⁻¹ g_test, without forming them."""
+        if mode is not InfluenceMode.Up:
+            return super()._influences(x_test, y_test, x, y, mode, symmetric)
+        engine = self._engine
+        test = engine.factored(x_test, y_test, self._chunk(x_test))
+        train = test if symmetric else engine.factored(x, y, self._chunk(x))
+        if 2 * max(engine.gram_width(test), engine.gram_width(train)) > self.n_parameters:
+            return self._from_gradients(self._solve(engine.to_dense(test)), train)
+        basis = self._block_rows(self.eigenvectors)
+        projected_test = engine.products(basis, test)  # (Σ rank, n_test)
+        projected = projected_test if symmetric else engine.products(basis, train)
+        scale = torch.cat(
+            [
+                1.0 / (self.eigenvalues[b.name] + self.regularization[b.name])
+                - 1.0 / self.regularization[b.name]
+                for b in self.layout.blocks
+            ]
+        )
+        out = (projected_test.T * scale) @ projected
+        for b in self.layout.blocks:
+            out += engine.gram(test, train, b.slice) / self.regularization[b.name]
+        return out
 
     def with_regularization(self, hessian_regularization) -> NystroemSketchInfluence:
         """A copy with another λ > 0 that reuses the sketch (no pass over the data)."""

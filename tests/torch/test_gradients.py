@@ -64,6 +64,16 @@ def check(model, loss, x, y, expect_batched: bool):
         )
     if isinstance(factored, FactoredGradients):
         torch.testing.assert_close(engine.products(factors, factored.rows(2, 5)), factors @ reference[2:5].T)
+    # inner products of per-sample gradients, factored against factored, dense or a subset
+    left = factored.rows(0, 4) if isinstance(factored, FactoredGradients) else factored[:4]
+    torch.testing.assert_close(engine.gram(left, factored), reference[:4] @ reference.T)
+    torch.testing.assert_close(engine.gram(factored, reference[:4]), reference @ reference[:4].T)
+    torch.testing.assert_close(engine.gram(reference[:4], factored), reference[:4] @ reference.T)
+    for block in layout.blocks:
+        cols = block.slice
+        torch.testing.assert_close(
+            engine.gram(left, factored, cols), reference[:4, cols] @ reference[:, cols].T
+        )
     return engine
 
 
@@ -109,6 +119,31 @@ def test_positions_and_repeated_calls():
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(9, 3, 5, generator=g), torch.randint(0, 3, (9,), generator=g)
     check(Sequence(), nn.functional.cross_entropy, x, y, expect_batched=True)
+
+
+class Positions(nn.Module):
+    """Linear layers over 3 positions, each called once: 5 → 32 → 32, then pooled → 3."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(5, 32)
+        self.mix = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mix(torch.tanh(self.embed(x)))).mean(dim=1))
+
+
+def test_positions_with_inner_products_of_factors():
+    """``mix`` at 3 positions: the inner product of two weight gradients from their factors
+    (T²·(in + out) = 576 ≤ in·out = 1024 numbers per pair); ``embed`` (5 → 32) forms them."""
+    torch.manual_seed(2)
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(9, 3, 5, generator=g), torch.randint(0, 3, (9,), generator=g)
+    engine = check(Positions(), nn.functional.cross_entropy, x, y, expect_batched=True)
+    factored = engine.factored(x, y, chunk_size=4)
+    dense = reference_gradients(engine.model, engine.loss, x, y)
+    assert engine.gram_width(factored) < engine.gram_width(dense) == engine.size
 
 
 def test_many_positions_fall_back_to_the_smaller_dense_form():
