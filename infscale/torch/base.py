@@ -368,14 +368,15 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Iterable]):
         self._require_fitted("self_influences")
         mode = self._parse_mode(mode, "self_influences")
         x, y = self._check_xy(x, y, "self_influences")
-        gradients = self._gradients(x, y)
-        factors = self._solve(gradients)
         if mode is InfluenceMode.Up:
-            return self._self_from_gradients(factors, gradients)
+            return self._self_influences_up(x, y)
+        factors = self._solve(self._gradients(x, y))
         return self_perturbation_influences(self.layout, self.loss, factors, x, y, self.gradient_chunk_size)
 
-    def _self_from_gradients(self, factors: Tensor, gradients: Tensor) -> Tensor:
-        return (factors * gradients).sum(dim=1)
+    def _self_influences_up(self, x: Tensor, y: Tensor) -> Tensor:
+        """gᵢᵀ (H + λI)⁻¹ gᵢ for each row (a subclass may use its inverse's structure): (n,)."""
+        gradients = self._gradients(x, y)
+        return (self._solve(gradients) * gradients).sum(dim=1)
 
     # ------------------------------------------------------------------ per block
     def influence_factors_by_block(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:

@@ -215,6 +215,24 @@ class InverseHarmonicMeanInfluence(TorchInfluenceFunctionModel):
             out += engine.gram(test, train, b.slice) / self.regularization[b.name]
         return out
 
+    def _self_influences_up(self, x: Tensor, y: Tensor) -> Tensor:
+        """Per block (λ‖g‖² − (1/n) Σᵢ cᵢ (g · gᵢ)²) / λ² … see ``_gram_influences``; through
+        inner products when they are cheaper than p numbers per pair."""
+        gradients = self._train_gradients(x, y)
+        engine = self._engine
+        if 2 * engine.gram_width(gradients) > self.n_parameters:
+            return super()._self_influences_up(x, y)
+        out = None
+        for G in self._training_gradients():
+            for b in self.layout.blocks:
+                cols, lam = b.slice, self.regularization[b.name]
+                weights = 1.0 / (lam + engine.squared_norms(G, cols))
+                term = engine.gram(gradients, G, cols).square_() @ weights / (-self.n_train * lam)
+                out = term if out is None else out.add_(term)
+        for b in self.layout.blocks:
+            out += engine.squared_norms(gradients, b.slice) / self.regularization[b.name]
+        return out
+
     def _solve(self, gradients: Tensor) -> Tensor:
         return self._solve_blocks(self.layout.blocks, gradients)
 

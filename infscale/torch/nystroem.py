@@ -141,17 +141,29 @@ class NystroemSketchInfluence(TorchInfluenceFunctionModel):
         basis = self._block_rows(self.eigenvectors)
         projected_test = engine.products(basis, test)  # (Σ rank, n_test)
         projected = projected_test if symmetric else engine.products(basis, train)
-        scale = torch.cat(
-            [
-                1.0 / (self.eigenvalues[b.name] + self.regularization[b.name])
-                - 1.0 / self.regularization[b.name]
-                for b in self.layout.blocks
-            ]
-        )
-        out = (projected_test.T * scale) @ projected
+        out = (projected_test.T * self._woodbury_scale()) @ projected
         for b in self.layout.blocks:
             out += engine.gram(test, train, b.slice) / self.regularization[b.name]
         return out
+
+    def _self_influences_up(self, x: Tensor, y: Tensor) -> Tensor:
+        """Σ_blocks ‖g‖² / λ + Σ_r d_r P_r² (see ``_influences``), from the factored gradients."""
+        engine = self._engine
+        gradients = engine.factored(x, y, self._chunk(x))
+        if 2 * engine.gram_width(gradients) > self.n_parameters:
+            return super()._self_influences_up(x, y)
+        projected = engine.products(self._block_rows(self.eigenvectors), gradients)  # (Σ rank, n)
+        out = self._woodbury_scale() @ projected.square()
+        for b in self.layout.blocks:
+            out += engine.squared_norms(gradients, b.slice) / self.regularization[b.name]
+        return out
+
+    def _woodbury_scale(self) -> Tensor:
+        """1/(σ + λ) − 1/λ of every block's sketch directions, blocks in order: (Σ rank,)."""
+        lam = self.regularization
+        return torch.cat(
+            [1.0 / (self.eigenvalues[b.name] + lam[b.name]) - 1.0 / lam[b.name] for b in self.layout.blocks]
+        )
 
     def with_regularization(self, hessian_regularization) -> NystroemSketchInfluence:
         """A copy with another λ > 0 that reuses the sketch (no pass over the data)."""

@@ -76,6 +76,9 @@ def test_inverse_harmonic_mean_takes_the_gram_route_and_matches_the_explicit_sum
     assert taken == [True]  # 20 test × 40 fit × 40 training points: fewer multiplications
     symmetric = wide["G_test"] @ P @ wide["G_test"].T
     assert rel(ihm.influences(xt, yt), symmetric) < 1e-10
+    assert rel(ihm.self_influences(xt, yt), torch.diagonal(symmetric)) < 1e-10
+    fit_self = ((wide["G_train"][5:30] @ P) * wide["G_train"][5:30]).sum(dim=1)
+    assert rel(ihm.self_influences(x[5:30], y[5:30]), fit_self) < 1e-10  # stored rows, if kept
     # the factor route gives the same numbers
     monkeypatch.setattr(InverseHarmonicMeanInfluence, "_gram_cheaper", lambda self, *a: False)
     assert rel(ihm.influences(xt, yt, x, y), exact) < 1e-10
@@ -138,6 +141,7 @@ def test_nystroem_gram_route_matches_the_explicit_woodbury_inverse(wide, regular
     assert grams  # the inner products came from the factored gradients
     symmetric = wide["G_test"] @ woodbury_inverse(nys, regularization) @ wide["G_test"].T
     assert rel(nys.influences(xt, yt), symmetric) < 1e-10
+    assert rel(nys.self_influences(xt, yt), torch.diagonal(symmetric)) < 1e-10
     # the factors give the same numbers
     factors = nys.influence_factors(xt, yt)
     assert rel(nys.influences_from_factors(factors, x, y), exact) < 1e-10
