@@ -18,6 +18,8 @@ __all__ = ["InverseHarmonicMeanInfluence"]
 DEFAULT_STORED_GRADIENT_BYTES = 2**30
 #: rows of stored gradients used at once in a solve
 _ROWS_PER_STEP = 16_384
+#: inner products of fit gradients with query points held at once (numbers): 128 MiB in float32
+_GRAM_FLOATS = 2**25
 
 
 class InverseHarmonicMeanInfluence(TorchInfluenceFunctionModel):
@@ -186,8 +188,7 @@ class InverseHarmonicMeanInfluence(TorchInfluenceFunctionModel):
         """Whether influences through inner products of gradients (``_gram_influences``) take
         fewer multiplications than through the test factors (n_test × p, then × n_train)."""
         engine = self._engine
-        n_test, n_fit = test.shape[0] if isinstance(test, Tensor) else test.n_samples, self.n_train
-        n_train = train.shape[0] if isinstance(train, Tensor) else train.n_samples
+        n_test, n_fit, n_train = _n(test), self.n_train, _n(train)
         width = max(engine.gram_width(test), engine.gram_width(train))
         gram = width * (n_test * n_fit + n_fit * n_train + n_test * n_train)
         gram += len(self.layout.blocks) * n_test * n_fit * n_train
@@ -203,17 +204,28 @@ class InverseHarmonicMeanInfluence(TorchInfluenceFunctionModel):
         for nn.Linear layers every K comes from the factored gradients (``GradientEngine.gram``).
         """
         engine = self._engine
-        out = None
-        for G in self._training_gradients():
+        out = (
+            engine.gram(test, train, self.layout.blocks[0].slice)
+            / self.regularization[self.layout.blocks[0].name]
+        )
+        for b in self.layout.blocks[1:]:
+            out += engine.gram(test, train, b.slice) / self.regularization[b.name]
+        for G in self._fit_gradient_chunks(max(_n(test), _n(train))):
             for b in self.layout.blocks:
                 cols, lam = b.slice, self.regularization[b.name]
                 weights = 1.0 / (lam + engine.squared_norms(G, cols))
                 term = (engine.gram(test, G, cols) * weights) @ engine.gram(G, train, cols)
-                term /= -self.n_train * lam
-                out = term if out is None else out.add_(term)
-        for b in self.layout.blocks:
-            out += engine.gram(test, train, b.slice) / self.regularization[b.name]
+                out.sub_(term, alpha=1.0 / (self.n_train * lam))
         return out
+
+    def _fit_gradient_chunks(self, width: int) -> Iterator[Tensor | FactoredGradients]:
+        """The training gradients in chunks of at most ``_GRAM_FLOATS // width`` rows, so that
+        inner products with ``width`` other points stay within that many numbers."""
+        rows = max(1, _GRAM_FLOATS // max(1, width))
+        for G in self._training_gradients():
+            n = _n(G)
+            for s in range(0, n, rows):
+                yield G if rows >= n else _rows(G, s, min(s + rows, n))
 
     def _self_influences_up(self, x: Tensor, y: Tensor) -> Tensor:
         """Per block (λ‖g‖² − (1/n) Σᵢ cᵢ (g · gᵢ)²) / λ² … see ``_gram_influences``; through
@@ -222,15 +234,16 @@ class InverseHarmonicMeanInfluence(TorchInfluenceFunctionModel):
         engine = self._engine
         if 2 * engine.gram_width(gradients) > self.n_parameters:
             return super()._self_influences_up(x, y)
-        out = None
-        for G in self._training_gradients():
+        out = torch.zeros(_n(gradients), dtype=self.dtype, device=self.device)
+        for b in self.layout.blocks:
+            out += engine.squared_norms(gradients, b.slice) / self.regularization[b.name]
+        for G in self._fit_gradient_chunks(_n(gradients)):
             for b in self.layout.blocks:
                 cols, lam = b.slice, self.regularization[b.name]
                 weights = 1.0 / (lam + engine.squared_norms(G, cols))
-                term = engine.gram(gradients, G, cols).square_() @ weights / (-self.n_train * lam)
-                out = term if out is None else out.add_(term)
-        for b in self.layout.blocks:
-            out += engine.squared_norms(gradients, b.slice) / self.regularization[b.name]
+                out.sub_(
+                    engine.gram(gradients, G, cols).square_() @ weights, alpha=1.0 / (self.n_train * lam)
+                )
         return out
 
     def _solve(self, gradients: Tensor) -> Tensor:
@@ -263,6 +276,10 @@ class InverseHarmonicMeanInfluence(TorchInfluenceFunctionModel):
         new = self._copy_with_regularization(hessian_regularization)
         self._check_positive(new.regularization)
         return new
+
+
+def _n(gradients: Tensor | FactoredGradients) -> int:
+    return gradients.n_samples if isinstance(gradients, FactoredGradients) else gradients.shape[0]
 
 
 def _nbytes(gradients: Tensor | FactoredGradients) -> int:
