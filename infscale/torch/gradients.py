@@ -360,6 +360,8 @@ class GradientEngine:
         k = factors.shape[0]
         n = gradients.n_samples
         result = torch.zeros(k, n, dtype=factors.dtype, device=factors.device)
+        if k == 0 or n == 0:
+            return result
         if self.rest:
             keep = self._rest_within(columns)
             if keep is None:

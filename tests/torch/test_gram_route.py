@@ -159,3 +159,22 @@ def test_nystroem_full_rank_gram_route_equals_the_explicit_gauss_newton_solve(wi
     A = wide["gauss_newton"] + lam * torch.eye(163, dtype=torch.float64)
     exact = wide["G_test"] @ torch.linalg.solve(A, wide["G_train"].T)
     assert rel(nys.influences(xt, yt, x, y), exact) < 1e-6
+
+
+@pytest.mark.parametrize("method", ["ihm", "nystroem", "cg"])
+def test_empty_queries_give_empty_matrices(wide, method):
+    """No test points, or no training points: an empty (n_test, n_train) matrix, not an error
+    (products of zero factors with factored gradients used to divide by zero)."""
+    from infscale.torch import CgInfluence
+
+    x, y, xt, yt = wide["data"]
+    model = {
+        "ihm": lambda: InverseHarmonicMeanInfluence(wide["model"], CE, 1e-3),
+        "nystroem": lambda: NystroemSketchInfluence(
+            wide["model"], CE, 1e-3, rank=4, second_order_mode="gauss_newton"
+        ),
+        "cg": lambda: CgInfluence(wide["model"], CE, 1e-3),
+    }[method]().fit(loader(x, y, [40]))
+    assert model.influences(xt[:0], yt[:0], x, y).shape == (0, 40)
+    assert model.influences(xt[:3], yt[:3], x[:0], y[:0]).shape == (3, 0)
+    assert model.self_influences(xt[:0], yt[:0]).shape == (0,)
