@@ -422,6 +422,11 @@ class GradientEngine:
                 width += min(ghost, layer.in_features * layer.out_features)
         return width
 
+    def inner_products_pay(self, *gradients: FactoredGradients | Tensor) -> bool:
+        """Whether ``gram`` on these forms multiplies at most half the numbers per pair that
+        dense gradients would (the parameter count)."""
+        return 2 * max(self.gram_width(g) for g in gradients) <= self.size
+
     def gram(
         self,
         left: FactoredGradients | Tensor,

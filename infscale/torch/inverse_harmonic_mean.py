@@ -177,7 +177,7 @@ class InverseHarmonicMeanInfluence(TorchInfluenceFunctionModel):
     def _influences(self, x_test, y_test, x, y, mode, symmetric) -> Tensor:
         if mode is not InfluenceMode.Up:
             return super()._influences(x_test, y_test, x, y, mode, symmetric)
-        test = self._train_gradients(x_test, y_test)
+        test = self._train_gradients(x_test, y_test)  # stored rows or factored: as for training points
         train = test if symmetric else self._train_gradients(x, y)
         if self._gram_cheaper(test, train):
             return self._gram_influences(test, train)
@@ -204,19 +204,22 @@ class InverseHarmonicMeanInfluence(TorchInfluenceFunctionModel):
         for nn.Linear layers every K comes from the factored gradients (``GradientEngine.gram``).
         """
         engine = self._engine
-        out = (
-            engine.gram(test, train, self.layout.blocks[0].slice)
-            / self.regularization[self.layout.blocks[0].name]
-        )
-        for b in self.layout.blocks[1:]:
+        out = torch.zeros(_n(test), _n(train), dtype=self.dtype, device=self.device)
+        for b in self.layout.blocks:
             out += engine.gram(test, train, b.slice) / self.regularization[b.name]
-        for G in self._fit_gradient_chunks(max(_n(test), _n(train))):
-            for b in self.layout.blocks:
-                cols, lam = b.slice, self.regularization[b.name]
-                weights = 1.0 / (lam + engine.squared_norms(G, cols))
-                term = (engine.gram(test, G, cols) * weights) @ engine.gram(G, train, cols)
-                out.sub_(term, alpha=1.0 / (self.n_train * lam))
+        chunks = self._fit_gradient_chunks(max(_n(test), _n(train)))
+        for G, cols, lam, weights in self._sherman_morrison_terms(self.layout.blocks, chunks):
+            term = (engine.gram(test, G, cols) * weights) @ engine.gram(G, train, cols)
+            out.sub_(term, alpha=1.0 / (self.n_train * lam))
         return out
+
+    def _sherman_morrison_terms(self, blocks, chunks: Iterable) -> Iterator[tuple]:
+        """(G, the block's columns, λ, cᵢ = 1 / (λ + ‖gᵢ‖²)) for every chunk G of fit gradients and
+        every block: the pieces of Σᵢ (gᵢgᵢᵀ + λI)⁻¹ that each query way combines."""
+        for G in chunks:
+            for b in blocks:
+                lam = self.regularization[b.name]
+                yield G, b.slice, lam, 1.0 / (lam + self._engine.squared_norms(G, b.slice))
 
     def _fit_gradient_chunks(self, width: int) -> Iterator[Tensor | FactoredGradients]:
         """The training gradients in chunks of at most ``_GRAM_FLOATS // width`` rows, so that
@@ -232,18 +235,14 @@ class InverseHarmonicMeanInfluence(TorchInfluenceFunctionModel):
         inner products when they are cheaper than p numbers per pair."""
         gradients = self._train_gradients(x, y)
         engine = self._engine
-        if 2 * engine.gram_width(gradients) > self.n_parameters:
+        if not engine.inner_products_pay(gradients):
             return super()._self_influences_up(x, y)
         out = torch.zeros(_n(gradients), dtype=self.dtype, device=self.device)
         for b in self.layout.blocks:
             out += engine.squared_norms(gradients, b.slice) / self.regularization[b.name]
-        for G in self._fit_gradient_chunks(_n(gradients)):
-            for b in self.layout.blocks:
-                cols, lam = b.slice, self.regularization[b.name]
-                weights = 1.0 / (lam + engine.squared_norms(G, cols))
-                out.sub_(
-                    engine.gram(gradients, G, cols).square_() @ weights, alpha=1.0 / (self.n_train * lam)
-                )
+        chunks = self._fit_gradient_chunks(_n(gradients))
+        for G, cols, lam, weights in self._sherman_morrison_terms(self.layout.blocks, chunks):
+            out.sub_(engine.gram(gradients, G, cols).square_() @ weights, alpha=1.0 / (self.n_train * lam))
         return out
 
     def _solve(self, gradients: Tensor) -> Tensor:
@@ -259,12 +258,9 @@ class InverseHarmonicMeanInfluence(TorchInfluenceFunctionModel):
         correction = torch.zeros_like(rhs)
         if rhs.shape[0]:
             engine = self._engine
-            for G in self._training_gradients():
-                for b in blocks:
-                    cols = b.slice
-                    weights = 1.0 / (self.regularization[b.name] + engine.squared_norms(G, cols))  # (m,)
-                    coefficients = engine.products(rhs, G, cols) * weights  # (k, m)
-                    correction[:, cols] += engine.weighted_sums(coefficients, G, cols)[:, cols]
+            for G, cols, _, weights in self._sherman_morrison_terms(blocks, self._training_gradients()):
+                coefficients = engine.products(rhs, G, cols) * weights  # (k, m)
+                correction[:, cols] += engine.weighted_sums(coefficients, G, cols)[:, cols]
         out = torch.zeros_like(rhs)
         for b in blocks:
             lam = self.regularization[b.name]

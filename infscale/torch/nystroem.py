@@ -136,7 +136,7 @@ class NystroemSketchInfluence(TorchInfluenceFunctionModel):
         engine = self._engine
         test = engine.factored(x_test, y_test, self._chunk(x_test))
         train = test if symmetric else engine.factored(x, y, self._chunk(x))
-        if 2 * max(engine.gram_width(test), engine.gram_width(train)) > self.n_parameters:
+        if not engine.inner_products_pay(test, train):
             return self._from_gradients(self._solve(engine.to_dense(test)), train)
         basis = self._block_rows(self.eigenvectors)
         projected_test = engine.products(basis, test)  # (Σ rank, n_test)
@@ -150,7 +150,7 @@ class NystroemSketchInfluence(TorchInfluenceFunctionModel):
         """Σ_blocks ‖g‖² / λ + Σ_r d_r P_r² (see ``_influences``), from the factored gradients."""
         engine = self._engine
         gradients = engine.factored(x, y, self._chunk(x))
-        if 2 * engine.gram_width(gradients) > self.n_parameters:
+        if not engine.inner_products_pay(gradients):
             return super()._self_influences_up(x, y)
         projected = engine.products(self._block_rows(self.eigenvectors), gradients)  # (Σ rank, n)
         out = self._woodbury_scale() @ projected.square()
