@@ -4,25 +4,37 @@ Sign convention: ``influences()`` returns ∇ℓ(z_test)ᵀ (H + λI)⁻¹ ∇�
 (n_test, n_train). Positive means up-weighting that training point lowers the test
 loss (it helps); removing training point i changes the test loss by about
 ``+influence / n_train``.
+
+The Dask names (``DaskInfluenceCalculator``, ...) are resolved on first use, so importing
+infscale (and starting the ``infscale`` command) does not import dask.array.
 """
 
-from .base import (
-    SIGN_CONVENTION,
-    InfluenceFunctionModel,
-    InfluenceMode,
-    NotFittedError,
-    UnsupportedInfluenceModeError,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .base import SIGN_CONVENTION, InfluenceFunctionModel, InfluenceMode
 from .calculator import SequentialInfluenceCalculator
-from .parallel import (
-    DaskInfluenceCalculator,
-    DisableClientSingleThreadCheck,
+from .errors import (
     InvalidDimensionChunksError,
+    NotFittedError,
+    NotPositiveDefiniteError,
+    StoreExistsError,
+    StoreMismatchError,
     ThreadSafetyViolationError,
     UnalignedChunksError,
+    UnsupportedInfluenceModeError,
+    UserFixableError,
 )
 
 __version__ = "0.1.0"
+
+#: Names resolved lazily (module that defines them).
+_LAZY = {
+    "DaskInfluenceCalculator": "infscale.parallel",
+    "DisableClientSingleThreadCheck": "infscale.parallel",
+}
 
 __all__ = [
     "DaskInfluenceCalculator",
@@ -34,7 +46,23 @@ __all__ = [
     "InfluenceFunctionModel",
     "InfluenceMode",
     "NotFittedError",
+    "NotPositiveDefiniteError",
     "SequentialInfluenceCalculator",
+    "StoreExistsError",
+    "StoreMismatchError",
     "UnsupportedInfluenceModeError",
+    "UserFixableError",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'infscale' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

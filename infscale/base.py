@@ -19,12 +19,17 @@ from abc import ABC, abstractmethod
 from enum import Enum
 from typing import Any, Generic, TypeVar
 
+import numpy as np
+
+from .errors import NotFittedError, UnsupportedInfluenceModeError
+
 __all__ = [
     "SIGN_CONVENTION",
     "InfluenceMode",
     "InfluenceFunctionModel",
     "NotFittedError",
     "UnsupportedInfluenceModeError",
+    "numpy_dtype",
 ]
 
 SIGN_CONVENTION = (
@@ -33,27 +38,21 @@ SIGN_CONVENTION = (
     "removing training point i changes the test loss by about +influence / n_train"
 )
 
+def numpy_dtype(dtype: Any) -> np.dtype:
+    """The numpy dtype of a model's ``dtype`` attribute, numpy or torch (``torch.float32`` →
+    ``float32``), without importing torch; float32 where numpy has no equivalent (bfloat16)."""
+    try:
+        return np.dtype(dtype)
+    except TypeError:
+        name = str(dtype).rsplit(".", 1)[-1]
+        try:
+            return np.dtype(name)
+        except TypeError:
+            return np.dtype(np.float32)
+
+
 TensorType = TypeVar("TensorType")
 DataLoaderType = TypeVar("DataLoaderType")
-
-
-class NotFittedError(ValueError):
-    """A method that needs a fitted model was called before ``fit``."""
-
-    def __init__(self, cls: type, method_name: str):
-        super().__init__(
-            f"{cls.__name__}.{method_name}() was called before fit(): "
-            f"call {cls.__name__}.fit(train_dataloader) first."
-        )
-
-
-class UnsupportedInfluenceModeError(ValueError):
-    """An influence mode that is neither ``"up"`` nor ``"perturbation"``."""
-
-    def __init__(self, mode: Any, cls: type | None = None, method_name: str | None = None):
-        where = f"{cls.__name__}.{method_name}(): " if cls and method_name else ""
-        valid = ", ".join(repr(m.value) for m in InfluenceMode)
-        super().__init__(f"{where}unsupported influence mode {mode!r}; expected one of {valid}.")
 
 
 class InfluenceMode(str, Enum):

@@ -1,7 +1,7 @@
 """Map a fitted influence model over batches of data, one block at a time.
 
 ``SequentialInfluenceCalculator`` returns lazy chunk sequences
-(``infscale.array``): nothing is computed until ``compute(aggregator=...)`` or
+(``infscale.sequences``): nothing is computed until ``compute(aggregator=...)`` or
 ``to_zarr(...)``, and then only one test batch × train batch block (plus what is
 cached within the memory budget) is held at a time.
 
@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from .array import BlockSource, ChunkSource, LazyChunkSequence, NestedLazyChunkSequence
-from .base import SIGN_CONVENTION, InfluenceMode, NotFittedError
+from .base import SIGN_CONVENTION, InfluenceMode, numpy_dtype
+from .errors import NotFittedError
+from .sequences import BlockSource, ChunkSource, LazyChunkSequence, NestedLazyChunkSequence
 
 __all__ = ["SequentialInfluenceCalculator"]
 
@@ -413,19 +414,7 @@ class SequentialInfluenceCalculator:
 
     def _numpy_dtype(self) -> np.dtype | None:
         dtype = getattr(self.model, "dtype", None)
-        if dtype is None:
-            return None
-        try:
-            import torch
-
-            if isinstance(dtype, torch.dtype):
-                return torch.empty(0, dtype=dtype).numpy().dtype
-        except (ImportError, TypeError):
-            return None
-        try:
-            return np.dtype(dtype)
-        except TypeError:
-            return None
+        return None if dtype is None else numpy_dtype(dtype)
 
     def _attributes(self, quantity: str, mode: InfluenceMode | None) -> dict[str, Any]:
         from . import __version__

@@ -33,7 +33,13 @@ from dask.base import tokenize
 from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
-from .base import InfluenceFunctionModel, InfluenceMode, NotFittedError
+from .base import InfluenceFunctionModel, InfluenceMode, numpy_dtype
+from .errors import (
+    InvalidDimensionChunksError,
+    NotFittedError,
+    ThreadSafetyViolationError,
+    UnalignedChunksError,
+)
 
 __all__ = [
     "DaskInfluenceCalculator",
@@ -42,41 +48,6 @@ __all__ = [
     "InvalidDimensionChunksError",
     "UnalignedChunksError",
 ]
-
-
-class ThreadSafetyViolationError(RuntimeError):
-    """A model that is not thread-safe was paired with a client whose workers run several threads."""
-
-    def __init__(self, model_name: str, workers: dict[str, int]):
-        listed = ", ".join(f"{address} ({n} threads)" for address, n in sorted(workers.items()))
-        super().__init__(
-            f"{model_name} is not thread-safe (is_thread_safe is False), but these Dask workers run "
-            f"more than one thread: {listed}. Start the cluster with one thread per worker, e.g. "
-            "Client(threads_per_worker=1) or `dask worker --nthreads 1`, or pass "
-            "client=DisableClientSingleThreadCheck to skip this check (e.g. with the synchronous scheduler)."
-        )
-
-
-class InvalidDimensionChunksError(ValueError):
-    """An input array is chunked along an axis other than the first (rows)."""
-
-    def __init__(self, name: str, chunks: tuple):
-        super().__init__(
-            f"{name} must be chunked along its first axis (rows) only; got chunks {chunks}. "
-            f"Rechunk the other axes into one chunk, e.g. {name}.rechunk({{i: -1 for i in range(1, "
-            f"{name}.ndim)}})."
-        )
-
-
-class UnalignedChunksError(ValueError):
-    """Two arrays that are read row by row together have different row chunks."""
-
-    def __init__(self, name_a: str, chunks_a: tuple, name_b: str, chunks_b: tuple):
-        super().__init__(
-            f"{name_a} and {name_b} must have the same row chunks; got {name_a}.chunks[0]={chunks_a} "
-            f"and {name_b}.chunks[0]={chunks_b}. Rechunk one like the other, e.g. "
-            f"{name_b} = {name_b}.rechunk({{0: {name_a}.chunks[0]}})."
-        )
 
 
 class DisableClientSingleThreadCheck:
@@ -95,18 +66,6 @@ class DisableClientSingleThreadCheck:
             "If the model is not thread-safe, compute only with one thread per worker, e.g. "
             '.compute(scheduler="synchronous") or a Client(threads_per_worker=1).'
         )
-
-
-def _numpy_dtype(dtype: Any) -> np.dtype:
-    """A numpy dtype from a numpy or torch dtype (``torch.float32`` → ``float32``)."""
-    try:
-        return np.dtype(dtype)
-    except TypeError:
-        name = str(dtype).rsplit(".", 1)[-1]
-        try:
-            return np.dtype(name)
-        except TypeError:
-            return np.dtype(np.float32)  # e.g. bfloat16 has no numpy equivalent
 
 
 def _block_key(array: da.Array, row_block: int) -> tuple:
@@ -226,7 +185,13 @@ class DaskInfluenceCalculator:
                 f"got {type(model).__name__}."
             )
         if not model.is_fitted:
-            raise _UnfittedModelError(type(model))
+            raise NotFittedError(
+                type(model),
+                "__init__",
+                f"DaskInfluenceCalculator needs a fitted influence_function_model; this "
+                f"{type(model).__name__} is not fitted: call "
+                f"{type(model).__name__}.fit(train_dataloader) first.",
+            )
         for method in ("to_numpy", "from_numpy"):
             if not callable(getattr(converter, method, None)):
                 raise TypeError(
@@ -251,7 +216,7 @@ class DaskInfluenceCalculator:
                 multi = {address: int(n) for address, n in client.nthreads().items() if int(n) > 1}
                 if multi:
                     raise ThreadSafetyViolationError(type(model).__name__, multi)
-        self.dtype = _numpy_dtype(getattr(model, "dtype", np.float64))
+        self.dtype = numpy_dtype(getattr(model, "dtype", np.float64))
         # (model, converter), pickled now into one key that every task depends on
         self._state = _graph_object((model, converter), f"influence-model-{type(model).__name__}")
 
@@ -495,12 +460,3 @@ class DaskInfluenceCalculator:
             "DisableClientSingleThreadCheck" if self.client is DisableClientSingleThreadCheck else self.client
         )
         return f"DaskInfluenceCalculator({type(self.model).__name__}, {self.converter!r}, client={client!r})"
-
-
-class _UnfittedModelError(NotFittedError):
-    def __init__(self, cls: type):
-        ValueError.__init__(
-            self,
-            f"DaskInfluenceCalculator needs a fitted influence_function_model; this {cls.__name__} "
-            f"is not fitted: call {cls.__name__}.fit(train_dataloader) first.",
-        )

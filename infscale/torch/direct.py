@@ -7,14 +7,11 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from ..errors import NotPositiveDefiniteError
 from .base import TorchInfluenceFunctionModel
 from .functional import BlockMode, LossFunction, SecondOrderMode, _Block
 
 __all__ = ["DirectInfluence", "NotPositiveDefiniteError"]
-
-
-class NotPositiveDefiniteError(ValueError):
-    """The regularized curvature is not positive definite, so it has no Cholesky factor."""
 
 
 class DirectInfluence(TorchInfluenceFunctionModel):

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..errors import LissaDivergenceError
 from .base import TorchInfluenceFunctionModel
 from .functional import (
     BlockMode,
@@ -22,10 +23,6 @@ from .functional import (
 )
 
 __all__ = ["LissaInfluence", "LissaDivergenceError"]
-
-
-class LissaDivergenceError(RuntimeError):
-    """The LiSSA iteration diverged (non-finite or exploding iterates)."""
 
 
 class LissaInfluence(TorchInfluenceFunctionModel):

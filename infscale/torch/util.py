@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..array import (
+from ..aggregators import (
     BlockAggregator,
     ExtremumResult,
     MaxAggregator,
@@ -115,7 +115,7 @@ class _TorchOps:
 
 
 class TorchTopKAggregator(_TorchOps, TopKAggregator):
-    """Streaming top-k in torch: like ``infscale.array.TopKAggregator`` (the k most
+    """Streaming top-k in torch: like ``infscale.aggregators.TopKAggregator`` (the k most
     helpful and k most harmful training points per test point, memory
     O(n_test · k + one block)), but the ``TopKResult`` holds torch tensors on the
     blocks' device."""

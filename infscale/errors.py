@@ -1,0 +1,121 @@
+"""Every exception infscale raises on purpose, in one place.
+
+Errors whose cause the user can fix (a bad argument, a λ too small for the curvature, a store
+that is in the way, a multi-threaded Dask worker, ...) derive from :class:`UserFixableError`.
+The ``infscale`` command maps exactly those to exit code 2 by their type; anything else is an
+internal error (exit code 1). Each class also keeps the builtin base it always had
+(``ValueError``, ``RuntimeError``, ``FileExistsError``), so ``except ValueError`` in user code
+goes on working.
+
+The classes are re-exported where they used to live (``infscale.base``, ``infscale.array``,
+``infscale.parallel``, ``infscale.torch.direct``, ``infscale.torch.lissa``), so old imports work.
+
+This module is framework-free: it imports neither torch nor dask nor zarr.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "UserFixableError",
+    "UsageError",
+    "NotFittedError",
+    "UnsupportedInfluenceModeError",
+    "NotPositiveDefiniteError",
+    "LissaDivergenceError",
+    "ThreadSafetyViolationError",
+    "InvalidDimensionChunksError",
+    "UnalignedChunksError",
+    "StoreExistsError",
+    "StoreMismatchError",
+    "is_user_fixable",
+]
+
+
+class UserFixableError(Exception):
+    """Marker base: the message says what the user should change. The command exits with code 2."""
+
+
+def is_user_fixable(error: BaseException) -> bool:
+    """Whether ``error`` is one a user can fix (the command's exit code 2)."""
+    return isinstance(error, UserFixableError)
+
+
+class UsageError(UserFixableError):
+    """A bad flag, factory, parameter or store given to the ``infscale`` command."""
+
+
+class NotFittedError(UserFixableError, ValueError):
+    """A method that needs a fitted model was called before ``fit``."""
+
+    def __init__(self, cls: type, method_name: str, message: str | None = None):
+        super().__init__(
+            message
+            or f"{cls.__name__}.{method_name}() was called before fit(): "
+            f"call {cls.__name__}.fit(train_dataloader) first."
+        )
+
+
+class UnsupportedInfluenceModeError(UserFixableError, ValueError):
+    """An influence mode that is neither ``"up"`` nor ``"perturbation"``."""
+
+    def __init__(self, mode: Any, cls: type | None = None, method_name: str | None = None):
+        where = f"{cls.__name__}.{method_name}(): " if cls and method_name else ""
+        super().__init__(
+            f"{where}unsupported influence mode {mode!r}; expected one of 'up', 'perturbation'."
+        )
+
+
+class NotPositiveDefiniteError(UserFixableError, ValueError):
+    """The regularized curvature H + λI is not positive definite (Direct, Arnoldi, CG, EK-FAC).
+
+    The message estimates the ``hessian_regularization`` that makes it positive definite.
+    """
+
+
+class LissaDivergenceError(UserFixableError, RuntimeError):
+    """The LiSSA iteration diverged (non-finite or exploding iterates)."""
+
+
+class ThreadSafetyViolationError(UserFixableError, RuntimeError):
+    """A model that is not thread-safe was paired with a client whose workers run several threads."""
+
+    def __init__(self, model_name: str, workers: dict[str, int]):
+        listed = ", ".join(f"{address} ({n} threads)" for address, n in sorted(workers.items()))
+        super().__init__(
+            f"{model_name} is not thread-safe (is_thread_safe is False), but these Dask workers run "
+            f"more than one thread: {listed}. Start the cluster with one thread per worker, e.g. "
+            "Client(threads_per_worker=1) or `dask worker --nthreads 1`, or pass "
+            "client=DisableClientSingleThreadCheck to skip this check (e.g. with the synchronous scheduler)."
+        )
+
+
+class InvalidDimensionChunksError(UserFixableError, ValueError):
+    """An input array is chunked along an axis other than the first (rows)."""
+
+    def __init__(self, name: str, chunks: tuple):
+        super().__init__(
+            f"{name} must be chunked along its first axis (rows) only; got chunks {chunks}. "
+            f"Rechunk the other axes into one chunk, e.g. {name}.rechunk({{i: -1 for i in range(1, "
+            f"{name}.ndim)}})."
+        )
+
+
+class UnalignedChunksError(UserFixableError, ValueError):
+    """Two arrays that are read row by row together have different row chunks."""
+
+    def __init__(self, name_a: str, chunks_a: tuple, name_b: str, chunks_b: tuple):
+        super().__init__(
+            f"{name_a} and {name_b} must have the same row chunks; got {name_a}.chunks[0]={chunks_a} "
+            f"and {name_b}.chunks[0]={chunks_b}. Rechunk one like the other, e.g. "
+            f"{name_b} = {name_b}.rechunk({{0: {name_a}.chunks[0]}})."
+        )
+
+
+class StoreExistsError(UserFixableError, FileExistsError):
+    """The target of ``to_zarr`` already holds data and neither overwrite nor resume was asked."""
+
+
+class StoreMismatchError(UserFixableError, ValueError):
+    """``resume=True`` against a store written for another computation."""
