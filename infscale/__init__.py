@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ._version import __version__
 from .base import SIGN_CONVENTION, InfluenceFunctionModel, InfluenceMode
 from .calculator import SequentialInfluenceCalculator
 from .errors import (
@@ -27,8 +28,6 @@ from .errors import (
     UnsupportedInfluenceModeError,
     UserFixableError,
 )
-
-__version__ = "0.1.0"
 
 #: Names resolved lazily (module that defines them).
 _LAZY = {

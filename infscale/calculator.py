@@ -417,7 +417,7 @@ class SequentialInfluenceCalculator:
         return None if dtype is None else numpy_dtype(dtype)
 
     def _attributes(self, quantity: str, mode: InfluenceMode | None) -> dict[str, Any]:
-        from . import __version__
+        from ._version import __version__
 
         hyper = getattr(self.model, "hyperparameters", None)
         attributes = {
