@@ -110,6 +110,12 @@ class InfluenceFunctionModel(Generic[TensorType, DataLoaderType], ABC):
     def fit(self, data: DataLoaderType) -> InfluenceFunctionModel:
         """Fit the curvature approximation on training data; returns ``self``."""
 
+    def fingerprint(self) -> str | None:
+        """A short hash of what the numbers depend on besides the data: the model's parameters
+        and buffers and the influence model's settings. Stores record it, and a resume that
+        finds another one is refused. The default (None) records nothing."""
+        return None
+
     def _require_fitted(self, method_name: str) -> None:
         if not self.is_fitted:
             raise NotFittedError(type(self), method_name)

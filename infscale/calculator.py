@@ -114,13 +114,18 @@ class _Loader:
             sizes.append(n % b)
         return sizes
 
-    def batches(self, needed: set[int]) -> Iterator[tuple[int, Any, Any]]:
-        """(index, x, y) of the needed batches, in order; stops after the last needed one."""
+    def batches(self, needed: set[int], observe=None) -> Iterator[tuple[int, Any, Any]]:
+        """(index, x, y) of the needed batches, in order; stops after the last needed one.
+
+        ``observe(index, x, y)``, when given, sees every batch read on the way (the needed
+        ones and those before them), before anything is computed from it."""
         sizes = self.sizes()
         remaining = set(needed)
         for i, batch in enumerate(self.loader):
             if not remaining:
                 return
+            if observe is not None:
+                observe(i, *_split(batch, self.name, i))
             if i not in remaining:
                 continue
             x, y = _split(batch, self.name, i)
@@ -140,6 +145,9 @@ class _Loader:
 
 class _Side:
     """One side of the grid: yields (index, value) for the needed batches in order."""
+
+    #: ``observe(index, x, y)`` for each batch of inputs read (see ``_Loader.batches``)
+    observe = None
 
     def sizes(self) -> list[int]:
         raise NotImplementedError
@@ -162,7 +170,7 @@ class _LoaderSide(_Side):
     def iter(self, needed, prefetched):
         remaining = set(needed)
         loading = remaining - set(prefetched)
-        batches = self.loader.batches(loading) if loading else iter(())
+        batches = self.loader.batches(loading, self.observe) if loading else iter(())
         for i in sorted(remaining):
             if i in prefetched:
                 yield i, prefetched.pop(i)
@@ -255,6 +263,9 @@ class _InfluenceGrid(BlockSource):
         if not need_rows:
             return
         need_cols = sorted({j for i in need_rows for j in need[i]})
+        observer = self.input_observer
+        self.test.observe = (lambda i, *inputs: observer("row", i, *inputs)) if observer else None
+        self.train.observe = (lambda i, *inputs: observer("col", i, *inputs)) if observer else None
         order = "test_outer" if row_major else self.calc.loop_order
         pre_test: dict[int, Any] = {}
         pre_train: dict[int, Any] = {}
@@ -350,7 +361,9 @@ class _ChunkMap(ChunkSource):
 
     def iter_chunks(self, todo=None):
         needed = {i for i in range(len(self.chunk_sizes())) if todo is None or todo(i)}
-        for i, x, y in self.loader.batches(needed):
+        observer = self.input_observer
+        observe = (lambda i, *inputs: observer("row", i, *inputs)) if observer else None
+        for i, x, y in self.loader.batches(needed, observe):
             yield i, self.compute(x, y)
 
     def attributes(self):
@@ -429,6 +442,10 @@ class SequentialInfluenceCalculator:
         }
         if mode is not None:
             attributes["mode"] = mode.value
+        fingerprint = getattr(self.model, "fingerprint", None)
+        value = fingerprint() if callable(fingerprint) else None
+        if value is not None:
+            attributes["model_fingerprint"] = value
         return attributes
 
     def _mode(self, mode: Any, method: str) -> InfluenceMode:

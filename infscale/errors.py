@@ -29,6 +29,7 @@ __all__ = [
     "UnalignedChunksError",
     "StoreExistsError",
     "StoreMismatchError",
+    "NonFiniteError",
     "is_user_fixable",
 ]
 
@@ -119,3 +120,9 @@ class StoreExistsError(UserFixableError, FileExistsError):
 
 class StoreMismatchError(UserFixableError, ValueError):
     """``resume=True`` against a store written for another computation."""
+
+
+class NonFiniteError(UserFixableError, ValueError):
+    """NaN or infinite values where numbers must be finite: in the data, the model's parameters,
+    the loss, or a computed result. The message names where (which batch, rows or parameter).
+    Nothing is written to a store once such a value is seen."""

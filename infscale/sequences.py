@@ -40,6 +40,11 @@ class ChunkSource(ABC):
     feature_shape: tuple[int, ...] = ()
     #: numpy dtype of the stored chunks, or None if unknown
     dtype: np.dtype | None = None
+    #: set by ``to_zarr`` while writing: called as ``observer(axis, index, *inputs)`` with the
+    #: inputs of each batch as it is read ("row" for the test side, "col" for the training
+    #: side), so that a resume can check that it reads the same data. Sources without
+    #: loaders leave it unused.
+    input_observer: Callable[..., None] | None = None
 
     @abstractmethod
     def chunk_sizes(self) -> list[int]:
@@ -59,6 +64,11 @@ class BlockSource(ABC):
 
     feature_shape: tuple[int, ...] = ()
     dtype: np.dtype | None = None
+    #: set by ``to_zarr`` while writing: called as ``observer(axis, index, *inputs)`` with the
+    #: inputs of each batch as it is read ("row" for the test side, "col" for the training
+    #: side), so that a resume can check that it reads the same data. Sources without
+    #: loaders leave it unused.
+    input_observer: Callable[..., None] | None = None
 
     @abstractmethod
     def row_sizes(self) -> list[int]:
@@ -189,6 +199,7 @@ class LazyChunkSequence:
         resume: bool = False,
         progress: bool = True,
         storage_options: dict | None = None,
+        verify: bool = True,
     ):
         """Write the chunks into a zarr v3 array of shape (n, *feature_shape), one chunk per batch.
 
@@ -210,7 +221,7 @@ class LazyChunkSequence:
 
         return _write_blocks(
             path_or_url, layout, blocks, len(sizes), converter, return_stored, overwrite, resume, progress,
-            storage_options, "chunks",
+            storage_options, "chunks", source=self.source, verify=verify,
         )  # fmt: skip
 
 
@@ -279,6 +290,7 @@ class NestedLazyChunkSequence:
         resume: bool = False,
         progress: bool = True,
         storage_options: dict | None = None,
+        verify: bool = True,
     ):
         """Write the blocks into a zarr v3 array, block by block, never holding the whole matrix.
 
@@ -288,26 +300,43 @@ class NestedLazyChunkSequence:
         record the method, hyperparameters, mode, sign convention, infscale version,
         n_test, n_train and block sizes.
 
-        Each block is written, then marked complete (a key under
-        ``_infscale_complete/`` in the store). ``resume=True`` checks that the store
-        was made for the same computation and computes only the unmarked blocks; a run
-        killed mid-block leaves that block unmarked, so it is redone.
+        Each block is written, then marked complete (a key under ``_infscale_complete/``
+        holding the block's checksum and digests of the test and training inputs it was
+        computed from). Unwritten float values read back as NaN, never as a plausible 0.
+
+        Guarantees (see docs/sequential.md):
+
+        - ``overwrite=True`` only ever replaces a store infscale wrote (recognised by its
+          attributes, with no other files in it), and only once the first new block has been
+          computed: a run that fails before that leaves the old results intact.
+        - A store infscale wrote that holds no finished block (a failed run's leftover) is
+          reused without ``overwrite``.
+        - ``resume=True`` checks that the store was made for the same computation (shape,
+          blocks, dtype, method, settings, mode, the model's fingerprint when the model has
+          one) and that every batch read has the same inputs as recorded; it recomputes the
+          blocks whose marker or chunk is missing, and, with ``verify`` (default), those whose
+          chunk cannot be read or does not match its checksum. A run killed mid-block leaves
+          that block unmarked, so it is redone.
+        - A block holding NaN or inf is never written: ``NonFiniteError``.
 
         Args:
             path_or_url: a local path, or a ``file://``, ``memory://``, ``s3://`` (any
                 fsspec) URL.
             converter: turns a block into a numpy array (``TorchNumpyConverter()``).
             return_stored: return the zarr array (else None).
-            overwrite: replace the zarr store at the path (other data is never deleted).
+            overwrite: replace a store infscale wrote at the path (nothing else is deleted).
             resume: finish an interrupted run (a missing store is simply created).
             progress: show a tqdm bar over the blocks (rate, ETA).
             storage_options: fsspec options for URLs (credentials, ``endpoint_url``).
+            verify: on resume, re-read the finished blocks and check their checksums (one
+                read of what is stored); False checks only that their chunks exist.
 
         Raises:
-            StoreExistsError: the path holds data and neither overwrite nor resume was
-                given (the data is left untouched).
-            StoreMismatchError: resume against a store of another shape, block size,
-                method, mode or hyperparameters.
+            StoreExistsError: the path holds results and neither overwrite nor resume was
+                given, or holds something infscale did not write (the data is left untouched).
+            StoreMismatchError: resume against a store of another shape, block size, method,
+                mode, hyperparameters or model, or with different input data.
+            NonFiniteError: a computed block holds NaN or inf.
             OSError: the path cannot be written.
             ValueError: batches of unequal size (other than the last one).
         """
@@ -331,5 +360,5 @@ class NestedLazyChunkSequence:
 
         return _write_blocks(
             path_or_url, layout, blocks, len(rows) * len(cols), converter, return_stored, overwrite, resume,
-            progress, storage_options, "influence blocks",
+            progress, storage_options, "influence blocks", source=self.source, verify=verify,
         )  # fmt: skip
