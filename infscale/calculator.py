@@ -15,15 +15,15 @@ the loop order that recomputes the cheaper side (see ``loop_order``).
 
 from __future__ import annotations
 
-import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
 from .base import SIGN_CONVENTION, InfluenceMode, numpy_dtype
 from .errors import NotFittedError
+from .grid_sides import FactorSide, Loader, LoaderSide, Side, nbytes
 from .sequences import BlockSource, ChunkSource, LazyChunkSequence, NestedLazyChunkSequence
 
 __all__ = ["SequentialInfluenceCalculator"]
@@ -31,209 +31,8 @@ __all__ = ["SequentialInfluenceCalculator"]
 _LOOP_ORDERS = ("auto", "test_outer", "train_outer")
 
 
-def _nbytes(obj: Any) -> int:
-    """Memory held by a representation: tensors, arrays, and containers of them."""
-    if hasattr(obj, "element_size") and hasattr(obj, "numel"):
-        return int(obj.element_size() * obj.numel())
-    if isinstance(obj, np.ndarray):
-        return int(obj.nbytes)
-    if isinstance(obj, (tuple, list)):
-        return sum(_nbytes(o) for o in obj)
-    if isinstance(obj, dict):
-        return sum(_nbytes(o) for o in obj.values())
-    return sys.getsizeof(obj)
-
-
-def _split(batch: Any, name: str, index: int) -> tuple[Any, Any]:
-    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-        what = f"a {type(batch).__name__}" + (
-            f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
-        )
-        raise ValueError(f"{name} must yield (x, y) batches; batch {index} is {what}.")
-    x, y = batch[0], batch[1]
-    if not hasattr(x, "shape") or len(x.shape) == 0:
-        raise ValueError(
-            f"{name} must yield (x, y) batches of arrays; x of batch {index} is {type(x).__name__}."
-        )
-    return x, y
-
-
-class _Loader:
-    """A re-iterable loader of (x, y) batches with its batch sizes."""
-
-    def __init__(self, loader: Any, name: str):
-        if isinstance(loader, (str, bytes)) or not isinstance(loader, Iterable):
-            raise TypeError(
-                f"{name} must be a re-iterable of (x, y) batches, e.g. a DataLoader; "
-                f"got {type(loader).__name__}."
-            )
-        if iter(loader) is loader:
-            raise TypeError(
-                f"{name} is a one-shot iterator ({type(loader).__name__}); the calculator passes over "
-                "the data more than once, so give a DataLoader or a list of batches."
-            )
-        if type(getattr(loader, "sampler", None)).__name__ == "RandomSampler":
-            raise ValueError(
-                f"{name} shuffles (shuffle=True); every pass must yield the same batches in the same "
-                "order, so use shuffle=False."
-            )
-        self.loader = loader
-        self.name = name
-        self._sizes: list[int] | None = None
-        try:
-            first = next(iter(loader))
-        except StopIteration:
-            raise ValueError(f"{name} is empty: it yielded no batch.") from None
-        self.first_x, _ = _split(first, name, 0)
-        self.feature_shape = tuple(self.first_x.shape[1:])
-
-    def sizes(self) -> list[int]:
-        """Rows per batch: from ``len(loader.sampler)`` (or ``len(loader.dataset)``) and
-        ``loader.batch_size`` when the loader has them, else by one pass over the data."""
-        if self._sizes is None:
-            self._sizes = self._sizes_from_lengths()
-            if self._sizes is None:
-                self._sizes = [int(_split(b, self.name, i)[0].shape[0]) for i, b in enumerate(self.loader)]
-        return self._sizes
-
-    def _sizes_from_lengths(self) -> list[int] | None:
-        b = getattr(self.loader, "batch_size", None)
-        if not isinstance(b, int) or b < 1:
-            return None
-        n = None
-        for attr in ("sampler", "dataset"):
-            try:
-                n = len(getattr(self.loader, attr))
-                break
-            except (TypeError, AttributeError, NotImplementedError):
-                continue
-        if n is None:
-            return None
-        sizes = [b] * (n // b)
-        if n % b and not getattr(self.loader, "drop_last", False):
-            sizes.append(n % b)
-        return sizes
-
-    def batches(self, needed: set[int], observe=None) -> Iterator[tuple[int, Any, Any]]:
-        """(index, x, y) of the needed batches, in order; stops after the last needed one.
-
-        ``observe(index, x, y)``, when given, sees every batch read on the way (the needed
-        ones and those before them), before anything is computed from it."""
-        sizes = self.sizes()
-        remaining = set(needed)
-        for i, batch in enumerate(self.loader):
-            if not remaining:
-                return
-            if observe is not None:
-                observe(i, *_split(batch, self.name, i))
-            if i not in remaining:
-                continue
-            x, y = _split(batch, self.name, i)
-            if i >= len(sizes) or x.shape[0] != sizes[i]:
-                expected = sizes[i] if i < len(sizes) else "no batch"
-                raise RuntimeError(
-                    f"{self.name} yielded {x.shape[0]} rows as batch {i}, expected {expected}: every "
-                    "pass over a loader must yield the same batches."
-                )
-            remaining.discard(i)
-            yield i, x, y
-        if remaining:
-            raise RuntimeError(
-                f"{self.name} ended before batch {min(remaining)}: it yielded fewer batches than before."
-            )
-
-
-class _Side:
-    """One side of the grid: yields (index, value) for the needed batches in order."""
-
-    #: ``observe(index, x, y)`` for each batch of inputs read (see ``_Loader.batches``)
-    observe = None
-
-    def sizes(self) -> list[int]:
-        raise NotImplementedError
-
-    def iter(self, needed: set[int], prefetched: dict[int, Any]) -> Iterator[tuple[int, Any]]:
-        raise NotImplementedError
-
-    def get(self, index: int) -> Any:
-        return next(self.iter({index}, {}))[1]
-
-
-class _LoaderSide(_Side):
-    def __init__(self, loader: _Loader, compute):
-        self.loader = loader
-        self.compute = compute
-
-    def sizes(self):
-        return self.loader.sizes()
-
-    def iter(self, needed, prefetched):
-        remaining = set(needed)
-        loading = remaining - set(prefetched)
-        batches = self.loader.batches(loading, self.observe) if loading else iter(())
-        for i in sorted(remaining):
-            if i in prefetched:
-                yield i, prefetched.pop(i)
-            else:
-                j, x, y = next(batches)
-                assert j == i
-                yield i, self.compute(x, y)
-
-
-class _FactorSide(_Side):
-    """Test factors given by the user: a lazy chunk sequence, a list of tensors, or any re-iterable."""
-
-    def __init__(self, factors: Any, name: str):
-        self.name = name
-        if isinstance(factors, LazyChunkSequence):
-            self.source: ChunkSource | None = factors.source
-            self.items = None
-        else:
-            self.source = None
-            if isinstance(factors, (str, bytes)) or not isinstance(factors, Iterable):
-                raise TypeError(f"{name} must be an iterable of factor chunks; got {type(factors).__name__}.")
-            if hasattr(factors, "shape"):
-                factors = [factors]  # a single chunk
-            if iter(factors) is factors:
-                factors = list(factors)
-            self.items = factors
-        self._sizes: list[int] | None = None
-
-    def sizes(self):
-        if self._sizes is None:
-            if self.source is not None:
-                self._sizes = list(self.source.chunk_sizes())
-            else:
-                self._sizes = [int(f.shape[0]) for f in self.items]
-            if not self._sizes:
-                raise ValueError(f"{self.name} is empty: it holds no factor chunk.")
-        return self._sizes
-
-    def iter(self, needed, prefetched):
-        remaining = set(needed)
-        if self.source is not None:
-            loading = remaining - set(prefetched)
-            chunks = self.source.iter_chunks(lambda i: i in loading) if loading else iter(())
-            for i in sorted(remaining):
-                if i in prefetched:
-                    yield i, prefetched.pop(i)
-                else:
-                    while True:
-                        j, chunk = next(chunks)
-                        if j == i:
-                            break
-                    yield i, chunk
-            return
-        for i, chunk in enumerate(self.items):
-            if not remaining:
-                return
-            if i in remaining:
-                remaining.discard(i)
-                yield i, prefetched.pop(i) if i in prefetched else chunk
-
-
 class _InfluenceGrid(BlockSource):
-    def __init__(self, calc, test: _Side, train: _Side, mode: InfluenceMode, feature_shape, attributes):
+    def __init__(self, calc, test: Side, train: Side, mode: InfluenceMode, feature_shape, attributes):
         self.calc = calc
         self.test = test
         self.train = train
@@ -298,8 +97,8 @@ class _InfluenceGrid(BlockSource):
         start = time.perf_counter()
         pre_train[j0] = self.train.get(j0)
         t_repr = (time.perf_counter() - start) / cols[j0]
-        b_factor = _nbytes(pre_test[i0]) / rows[i0]
-        b_repr = _nbytes(pre_train[j0]) / cols[j0]
+        b_factor = nbytes(pre_test[i0]) / rows[i0]
+        b_repr = nbytes(pre_train[j0]) / cols[j0]
 
         def uncached(indices, sizes, per_sample):
             used, left = 0.0, 0
@@ -336,7 +135,7 @@ class _InfluenceGrid(BlockSource):
                 else:
                     got, value = next(stream)
                     assert got == k
-                    size = _nbytes(value)
+                    size = nbytes(value)
                     if used + size <= budget:
                         cache[k] = value
                         used += size
@@ -349,7 +148,7 @@ class _InfluenceGrid(BlockSource):
 class _ChunkMap(ChunkSource):
     """A flat source: ``compute(x, y)`` mapped over the batches of one loader."""
 
-    def __init__(self, loader: _Loader, compute, feature_shape, dtype, attributes):
+    def __init__(self, loader: Loader, compute, feature_shape, dtype, attributes):
         self.loader = loader
         self.compute = compute
         self.feature_shape = tuple(feature_shape)
@@ -455,7 +254,7 @@ class SequentialInfluenceCalculator:
     def influence_factors(self, data_iterable: Iterable) -> LazyChunkSequence:
         """Lazy (H + λI)⁻¹ ∇ℓ(x, y) per batch: chunks of shape (batch, n_parameters)."""
         self._require_fitted("influence_factors")
-        loader = _Loader(data_iterable, "data_iterable")
+        loader = Loader(data_iterable, "data_iterable")
         source = _ChunkMap(
             loader,
             self.model.influence_factors,
@@ -484,15 +283,15 @@ class SequentialInfluenceCalculator:
         """
         self._require_fitted("influences")
         mode = self._mode(mode, "influences")
-        test = _Loader(test_data_iterable, "test_data_iterable")
-        train = _Loader(train_data_iterable, "train_data_iterable")
+        test = Loader(test_data_iterable, "test_data_iterable")
+        train = Loader(train_data_iterable, "train_data_iterable")
         if test.feature_shape != train.feature_shape:
             raise ValueError(
                 f"test and train inputs must have the same feature shape; test_data_iterable yields "
                 f"{test.feature_shape}, train_data_iterable yields {train.feature_shape}."
             )
-        test_side = _LoaderSide(test, self.model.influence_factors)
-        train_side = _LoaderSide(train, lambda x, y: self.model.train_representation(x, y, mode))
+        test_side = LoaderSide(test, self.model.influence_factors)
+        train_side = LoaderSide(train, lambda x, y: self.model.train_representation(x, y, mode))
         feature = train.feature_shape if mode is InfluenceMode.Perturbation else ()
         grid = _InfluenceGrid(
             self, test_side, train_side, mode, feature, self._attributes("influences", mode)
@@ -510,15 +309,20 @@ class SequentialInfluenceCalculator:
         Args:
             z_test_factors: the chunks of test factors, each (batch, n_parameters): the
                 lazy sequence of ``influence_factors`` (then only the needed chunks are
-                computed), or a list of tensors.
+                computed), a list of tensors, one tensor, or a re-iterable of one-element
+                batches such as ``DataLoader(TensorDataset(factors), batch_size=...)`` (what
+                pyDVL users pass).
+
+        Raises:
+            TypeError: a chunk that is neither a 2-D tensor nor a one-element batch of one.
             train_data_iterable: the training loader.
             mode: ``"up"`` or ``"perturbation"``.
         """
         self._require_fitted("influences_from_factors")
         mode = self._mode(mode, "influences_from_factors")
-        test_side = _FactorSide(z_test_factors, "z_test_factors")
-        train = _Loader(train_data_iterable, "train_data_iterable")
-        train_side = _LoaderSide(train, lambda x, y: self.model.train_representation(x, y, mode))
+        test_side = FactorSide(z_test_factors, "z_test_factors")
+        train = Loader(train_data_iterable, "train_data_iterable")
+        train_side = LoaderSide(train, lambda x, y: self.model.train_representation(x, y, mode))
         feature = train.feature_shape if mode is InfluenceMode.Perturbation else ()
         grid = _InfluenceGrid(
             self, test_side, train_side, mode, feature, self._attributes("influences", mode)
@@ -532,7 +336,7 @@ class SequentialInfluenceCalculator:
         (batch, *feature_shape) in ``"perturbation"``."""
         self._require_fitted("self_influences")
         mode = self._mode(mode, "self_influences")
-        loader = _Loader(data_iterable, "data_iterable")
+        loader = Loader(data_iterable, "data_iterable")
         feature = loader.feature_shape if mode is InfluenceMode.Perturbation else ()
         source = _ChunkMap(
             loader,

@@ -20,6 +20,7 @@ from infscale.torch.util import (
     NestedTorchCatAggregator,
     TorchCatAggregator,
     TorchMaxAggregator,
+    TorchNumpyConverter,
     TorchTopKAggregator,
 )
 
@@ -352,3 +353,35 @@ def test_real_model_factors_computed_once_per_test_batch(linear):
         infl.__class__ = Counted.__bases__[0]
     np.testing.assert_allclose(result.numpy(), truth["influences"], rtol=1e-9, atol=1e-12)
     assert calls == {"factors": 3, "representation": 5}
+
+
+def test_influences_from_factors_takes_dataloader_batches_of_factors():
+    """pyDVL users pass what a DataLoader over a TensorDataset of factors yields: [tensor] batches."""
+    xtr, xte, train, test = counting_problem()
+    model = CountingModel()
+    calc = SequentialInfluenceCalculator(model)
+    factors = xte @ model.a
+    truth = (factors @ xtr.T).numpy()
+    for given in (
+        DataLoader(TensorDataset(factors), batch_size=4),
+        [factors[:4], factors[4:8], factors[8:]],
+        factors,
+    ):
+        result = calc.influences_from_factors(given, train).compute(aggregator=NestedTorchCatAggregator())
+        np.testing.assert_allclose(result.numpy(), truth, rtol=1e-12)
+    with pytest.raises(TypeError, match=r"z_test_factors: chunk 0 is a tuple of length 2"):
+        calc.influences_from_factors([(factors[:4], factors[:4])], train).compute()
+
+
+def test_drop_last_training_loader_stores_what_is_read(tmp_path):
+    """A drop_last loader's shape comes from the batches it yields, not from its dataset."""
+    xtr, xte, _, test = counting_problem(n_train=43)
+    train = DataLoader(TensorDataset(xtr, torch.zeros(43)), batch_size=5, drop_last=True)
+    model = CountingModel()
+    stored = (
+        SequentialInfluenceCalculator(model)
+        .influences(test, train)
+        .to_zarr(str(tmp_path / "s.zarr"), TorchNumpyConverter(), progress=False, return_stored=True)
+    )
+    assert stored.shape == (12, 40)
+    np.testing.assert_allclose(stored[:], (xte @ model.a @ xtr[:40].T).numpy(), rtol=1e-12)

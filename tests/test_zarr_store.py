@@ -308,3 +308,31 @@ def test_counting_model_matches_its_formula():
     block = model.influences_from_representation(model.influence_factors(xte, None), xtr)
     np.testing.assert_allclose(block.numpy(), (xte.numpy() @ model.a.numpy()) @ xtr.numpy().T)
     assert torch.equal(model.train_representation(xtr, None), xtr)
+
+
+# ---------------------------------------------------------------------------- store objects
+@pytest.mark.parametrize("kind", ["MemoryStore", "LocalStore", "fsspec mapper", "dict"])
+def test_to_zarr_takes_zarr_store_objects_and_mappers(tmp_path, kind):
+    import fsspec
+
+    target = {
+        "MemoryStore": lambda: zarr.storage.MemoryStore(),
+        "LocalStore": lambda: zarr.storage.LocalStore(tmp_path / "local.zarr"),
+        "fsspec mapper": lambda: fsspec.get_mapper(f"memory://infscale-{uuid.uuid4().hex}"),
+        "dict": lambda: {},
+    }[kind]()
+    model, stored, truth = counted_to_zarr(target)
+    np.testing.assert_allclose(stored[:], truth, rtol=1e-12)
+    # the same overwrite / resume semantics as with paths
+    with pytest.raises(StoreExistsError):
+        counted_to_zarr(target)
+    resumed, again, _ = counted_to_zarr(target, resume=True)
+    assert resumed.calls["blocks"] == 0
+    np.testing.assert_allclose(again[:], truth, rtol=1e-12)
+    _, replaced, truth2 = counted_to_zarr(target, model=CountingModel(seed=4), overwrite=True)
+    np.testing.assert_allclose(replaced[:], truth2, rtol=1e-12)
+
+
+def test_to_zarr_rejects_other_targets_by_name():
+    with pytest.raises(TypeError, match="zarr Store, an fsspec mapper or a dict; got 3"):
+        counted_to_zarr(3)

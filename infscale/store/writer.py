@@ -1,231 +1,28 @@
-"""The one module that touches zarr: opening stores, writing blocks with completion markers,
-resuming, and reading back what is complete.
-
-Layout of an array written by infscale (a zarr v3 array at the root of its store)::
-
-    zarr.json, c/...                 the array, one chunk per block
-    _infscale_complete/<i>[.<j>]     a marker per block, written after its chunk is stored
-
-Framework-free: blocks arrive as numpy arrays through a converter.
-"""
+"""Writing an array block by block: create or reopen, replace safely, resume, check each block."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import NonFiniteError, StoreExistsError, StoreMismatchError
-
-__all__ = [
-    "StoreExistsError",
-    "StoreMismatchError",
-    "COMPLETE_PREFIX",
-    "open_zarr_store",
-    "completed_blocks",
-    "store_is_empty",
-    "verify_blocks",
-    "VerifyReport",
-    "block_digest",
-    "input_digest",
-]
-
-#: Key prefix (inside the zarr store) of the markers of completed blocks.
-COMPLETE_PREFIX = "_infscale_complete/"
-
-
-def open_zarr_store(path_or_url: str | os.PathLike, storage_options: dict | None = None):
-    """A zarr v3 store for a local path, ``file://`` URL, or any fsspec URL
-    (``memory://``, ``s3://``, ...). ``storage_options`` go to fsspec (e.g.
-    ``{"endpoint_url": ..., "key": ..., "secret": ...}`` for S3)."""
-    from zarr.storage import FsspecStore, LocalStore
-
-    if isinstance(path_or_url, os.PathLike):
-        path_or_url = os.fspath(path_or_url)
-    if not isinstance(path_or_url, str) or not path_or_url:
-        raise TypeError(f"path_or_url must be a non-empty str or path; got {path_or_url!r}.")
-    if path_or_url.startswith("file://"):
-        path_or_url = path_or_url[len("file://") :]
-    if "://" in path_or_url:
-        return FsspecStore.from_url(path_or_url, storage_options=dict(storage_options or {}), read_only=False)
-    if storage_options:
-        raise ValueError("storage_options is only used with URLs (memory://, s3://, ...), not local paths.")
-    return LocalStore(Path(path_or_url).expanduser())
-
-
-def _sync(coro):
-    from zarr.core.sync import sync
-
-    return sync(coro)
-
-
-def _marker_keys(store, prefix: str = "") -> list[str]:
-    """Block keys ("i" or "i.j") that have a marker under ``prefix``; leftovers of a write cut
-    short (``1.<hex>.partial``) do not count."""
-
-    async def collect():
-        return [k async for k in store.list_prefix(prefix + COMPLETE_PREFIX)]
-
-    keys = (k[len(prefix + COMPLETE_PREFIX) :] for k in _sync(collect()))
-    return [k for k in keys if k and all(part.isdigit() for part in k.split("."))]
-
-
-def _chunk_keys(store, prefix: str = "") -> set[str]:
-    async def collect():
-        return [k[len(prefix) :] async for k in store.list_prefix(prefix + "c/")]
-
-    return set(_sync(collect()))
-
-
-def _chunk_key(array, key: str) -> str:
-    index = tuple(int(p) for p in key.split("."))
-    return array.metadata.encode_chunk_key(index + (0,) * (array.ndim - len(index)))
-
-
-def completed_blocks(store, path: str = "") -> set[str]:
-    """Keys (``"i.j"`` or ``"i"``) of the blocks of the array at ``path`` in ``store`` that are
-    complete: their marker AND their chunk exist. (A marker whose chunk was deleted does not
-    count; checksums are checked by :func:`verify_blocks`.)"""
-    import zarr
-
-    prefix = path.rstrip("/") + "/" if path else ""
-    keys = _marker_keys(store, prefix)
-    if not keys:
-        return set()
-    try:
-        array = zarr.open_array(store=store, path=path or None, mode="r")
-    except Exception:
-        return set()
-    chunks = _chunk_keys(store, prefix)
-    return {k for k in keys if _chunk_key(array, k) in chunks}
-
-
-def _read_marker(store, key: str) -> dict:
-    from zarr.core.buffer import default_buffer_prototype
-
-    raw = _sync(store.get(key, prototype=default_buffer_prototype()))
-    try:
-        value = json.loads(raw.to_bytes()) if raw is not None else None
-    except ValueError:
-        value = None
-    return value if isinstance(value, dict) else {}  # markers of infscale < 0.1.1 hold b"1"
-
-
-def _mark_complete(store, key: str, content: dict) -> None:
-    from zarr.core.buffer import default_buffer_prototype
-
-    blob = json.dumps(content, sort_keys=True).encode()
-    _sync(store.set(key, default_buffer_prototype().buffer.from_bytes(blob)))
-
-
-def block_digest(data: np.ndarray) -> str:
-    """Checksum of a block's values as stored (dtype, shape and bytes)."""
-    data = np.ascontiguousarray(data)
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{data.dtype.str}{data.shape}".encode())
-    h.update(data.view(np.uint8).reshape(-1) if data.size else b"")
-    return h.hexdigest()
-
-
-def _numpy_of(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):  # a torch tensor, on any device (bfloat16 has no numpy dtype)
-        x = x.detach().cpu()
-        try:
-            return x.numpy()
-        except TypeError:
-            return x.float().numpy()
-    return np.asarray(x)
-
-
-def input_digest(*parts: Any) -> str:
-    """A cheap running hash of a batch of inputs (arrays, tensors, or mappings of them)."""
-    h = hashlib.blake2b(digest_size=16)
-
-    def add(part: Any) -> None:
-        if isinstance(part, dict) or hasattr(part, "keys") and hasattr(part, "__getitem__"):
-            for key in sorted(part.keys()):
-                h.update(str(key).encode())
-                add(part[key])
-        elif isinstance(part, (tuple, list)):
-            for item in part:
-                add(item)
-        else:
-            a = np.ascontiguousarray(_numpy_of(part))
-            h.update(f"{a.dtype.str}{a.shape}".encode())
-            h.update(a.view(np.uint8).reshape(-1) if a.size else b"")
-
-    for part in parts:
-        add(part)
-    return h.hexdigest()
-
-
-@dataclass
-class VerifyReport:
-    """What :func:`verify_blocks` found: complete blocks whose data match their checksum, and
-    those recorded complete whose chunk is missing, unreadable or altered."""
-
-    good: set[str]
-    damaged: dict[str, str]  # block key → what is wrong
-
-
-def verify_blocks(array, store, path: str = "", keys: set[str] | None = None) -> VerifyReport:
-    """Re-read every block recorded complete and check it against its stored checksum.
-
-    A block is damaged when its chunk is missing, cannot be decoded (truncated), holds NaN
-    (never a finished value) or differs from its checksum. Costs one read of those blocks.
-    """
-    prefix = path.rstrip("/") + "/" if path else ""
-    keys = set(_marker_keys(store, prefix)) if keys is None else set(keys)
-    chunks = _chunk_keys(store, prefix)
-    good, damaged = set(), {}
-    for key in sorted(keys):
-        if _chunk_key(array, key) not in chunks:
-            damaged[key] = "chunk missing"
-            continue
-        index = [int(p) for p in key.split(".")]
-        region = tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, array.chunks))
-        try:
-            data = np.asarray(array[region])
-        except Exception as error:  # a truncated or corrupted chunk
-            damaged[key] = f"unreadable ({type(error).__name__})"
-            continue
-        expected = _read_marker(store, prefix + COMPLETE_PREFIX + key).get("checksum")
-        if data.dtype.kind in "fc" and np.isnan(data).any():
-            damaged[key] = "holds NaN (unwritten values)"
-        elif expected is not None and block_digest(data.astype(array.dtype, copy=False)) != expected:
-            damaged[key] = "checksum mismatch"
-        else:
-            good.add(key)
-    return VerifyReport(good, damaged)
-
-
-def store_is_empty(store, where: str) -> bool:
-    """Whether the store holds nothing (a missing local folder counts as empty).
-
-    Raises:
-        NotADirectoryError: a local path that is a file.
-    """
-    if hasattr(store, "root"):  # LocalStore
-        root = Path(store.root)
-        if root.is_file():
-            raise NotADirectoryError(f"{where} is a file, not a directory for a zarr store.")
-        return not root.exists() or not any(root.iterdir())
-    return _sync(store.is_empty(""))
-
-
-def _jsonable(value: Any) -> Any:
-    """Attributes as they come back from zarr.json (tuples → lists, enums → values)."""
-    import json
-
-    return json.loads(json.dumps(value, default=lambda o: getattr(o, "value", str(o))))
+from ..errors import NonFiniteError, StoreExistsError, StoreMismatchError
+from .markers import (
+    COMPLETE_PREFIX,
+    _mark_complete,
+    _marker_keys,
+    _read_marker,
+    block_digest,
+    completed_blocks,
+    input_digest,
+    verify_blocks,
+)
+from .opening import _jsonable, _sync, open_zarr_store, store_is_empty
 
 
 @dataclass

@@ -1,0 +1,45 @@
+"""The one place that touches zarr: opening stores, writing blocks with completion markers,
+resuming, verifying, and reading back what is complete.
+
+Layout of an array written by infscale (a zarr v3 array at the root of its store)::
+
+    zarr.json, c/...                 the array, one chunk per block; unwritten floats are NaN
+    _infscale_complete/<i>[.<j>]     a marker per block, written after its chunk is stored:
+                                     JSON with the block's checksum and its inputs' digests
+
+- ``opening``: paths, URLs, zarr Store objects and fsspec mappers → a zarr store;
+- ``markers``: which blocks are done, checksums, input digests, verification;
+- ``writer``: creating, replacing (safely) and resuming arrays block by block.
+
+Framework-free: blocks arrive as numpy arrays through a converter.
+"""
+
+from ..errors import StoreExistsError, StoreMismatchError
+from .markers import (
+    COMPLETE_PREFIX,
+    VerifyReport,
+    block_digest,
+    completed_blocks,
+    input_digest,
+    verify_blocks,
+)
+from .opening import _jsonable, open_zarr_store, store_is_empty
+from .writer import _Layout, _offsets, _regular_chunk, _write_blocks
+
+__all__ = [
+    "StoreExistsError",
+    "StoreMismatchError",
+    "COMPLETE_PREFIX",
+    "open_zarr_store",
+    "completed_blocks",
+    "store_is_empty",
+    "verify_blocks",
+    "VerifyReport",
+    "block_digest",
+    "input_digest",
+    "_jsonable",
+    "_Layout",
+    "_offsets",
+    "_regular_chunk",
+    "_write_blocks",
+]
