@@ -155,7 +155,7 @@ def test_small_batches_are_merged_without_changing_the_mean_curvature(mlp, groun
     over a TensorDataset is read as slices. The products equal the explicit Hessian either way."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    import infscale.torch.functional as F
+    import infscale.torch.memory as F
 
     p = mlp
     H = ground_truth.hessian(p.model, p.loss, p.x, p.y)
