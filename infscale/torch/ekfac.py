@@ -30,7 +30,6 @@ See docs/ekfac.md for the loss and Fisher conventions.
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -58,13 +57,12 @@ from .ekfac_factors import (
     to_flat,
     to_matrix,
 )
+from .ekfac_io import read_factors, write_factors
 from .layout import _Block, parse_enum
 from .linalg import not_positive_definite, numerically_singular
 from .memory import default_chunk_size
 
 __all__ = ["EkfacInfluence", "EkfacLoss", "FisherType"]
-
-_FORMAT = "infscale.ekfac/1"
 
 
 class EkfacInfluence(TorchInfluenceFunctionModel):
@@ -112,8 +110,6 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
         "factor_dtype",
         "skipped_modules",
     )
-    # training gradients for products with factors are this method's own dense ones (``_gradients``)
-    _train_gradients_are_gradients = True
 
     def __init__(
         self,
@@ -461,36 +457,32 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
         return new
 
     # ------------------------------------------------------------------ save / load
+    def _factor_names(self) -> tuple[str, ...]:
+        diagonal = ("diagonal",) if self.update_diagonal else ()
+        return ("eigenvectors_A", "eigenvalues_A", "eigenvectors_G", "eigenvalues_G") + diagonal
+
+    def _factor_settings(self) -> dict[str, Any]:
+        return {
+            "loss": self.loss_type.value,
+            "fisher": self.fisher.value,
+            "update_diagonal": self.update_diagonal,
+        }
+
     def save_factors(self, path: str | Path) -> None:
         """Write the fitted eigenbases, eigenvalues and (EK-FAC) diagonal to a safetensors file.
 
         The file also records the layers, their shapes and the settings that determine the
         factors (loss, fisher, update_diagonal, seed); ``load_factors`` checks them.
         """
-        from safetensors.torch import save_file
-
         self._require_fitted("save_factors")
-        tensors = {}
-        for ly in self.layers:
-            b = ly.block
-            tensors[f"{b}/eigenvectors_A"] = self.eigenvectors_A[b]
-            tensors[f"{b}/eigenvalues_A"] = self.eigenvalues_A[b]
-            tensors[f"{b}/eigenvectors_G"] = self.eigenvectors_G[b]
-            tensors[f"{b}/eigenvalues_G"] = self.eigenvalues_G[b]
-            if self.update_diagonal:
-                tensors[f"{b}/diagonal"] = self.diagonal[b]
-        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        meta = {
-            "format": _FORMAT,
-            "layers": {ly.block: [ly.kind, ly.d_out, ly.d_in] for ly in self.layers},
-            "loss": self.loss_type.value,
-            "fisher": self.fisher.value,
-            "update_diagonal": self.update_diagonal,
+        shape = list(self._feature_shape) if self._feature_shape is not None else None
+        record = {
+            **self._factor_settings(),
             "seed": self.seed,
             "n_train": self.n_train,
-            "feature_shape": list(self._feature_shape) if self._feature_shape is not None else None,
+            "feature_shape": shape,
         }
-        save_file(tensors, str(path), metadata={"infscale": json.dumps(meta)})
+        write_factors(path, self.layers, {name: getattr(self, name) for name in self._factor_names()}, record)
 
     def load_factors(self, path: str | Path) -> EkfacInfluence:
         """Load factors written by ``save_factors`` (for the same architecture and settings)
@@ -500,40 +492,12 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
             ValueError: the file is not an infscale EK-FAC file, or its layers, shapes, loss,
                 fisher or update_diagonal differ from this model's.
         """
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as fh:
-            raw = (fh.metadata() or {}).get("infscale")
-            meta = json.loads(raw) if raw else {}
-            if meta.get("format") != _FORMAT:
-                raise ValueError(f"load_factors(): {str(path)!r} is not an infscale EK-FAC factor file.")
-            expected = {ly.block: [ly.kind, ly.d_out, ly.d_in] for ly in self.layers}
-            if meta["layers"] != expected:
-                raise ValueError(
-                    f"load_factors(): the file's layers {meta['layers']} (kind, d_out, d_in) differ "
-                    f"from this model's {expected}."
-                )
-            mine = {"loss": self.loss_type.value, "fisher": self.fisher.value}
-            mine["update_diagonal"] = self.update_diagonal
-            for key, value in mine.items():
-                if meta[key] != value:
-                    raise ValueError(
-                        f"load_factors(): the factors were fitted with {key}={meta[key]!r}, but this "
-                        f"model has {key}={value!r}; create it with the same setting."
-                    )
-            get = lambda k: fh.get_tensor(k).to(self.device, self.factor_dtype)  # noqa: E731
-            for ly in self.layers:
-                b = ly.block
-                self.eigenvectors_A[b], self.eigenvalues_A[b] = (
-                    get(f"{b}/eigenvectors_A"),
-                    get(f"{b}/eigenvalues_A"),
-                )
-                self.eigenvectors_G[b], self.eigenvalues_G[b] = (
-                    get(f"{b}/eigenvectors_G"),
-                    get(f"{b}/eigenvalues_G"),
-                )
-                if self.update_diagonal:
-                    self.diagonal[b] = get(f"{b}/diagonal")
+        names = self._factor_names()
+        factors, meta = read_factors(
+            path, self.layers, names, self._factor_settings(), self.device, self.factor_dtype
+        )
+        for name in names:
+            getattr(self, name).update(factors[name])
         self.n_train = meta.get("n_train")
         shape = meta.get("feature_shape")
         self._feature_shape = tuple(shape) if shape is not None else None
