@@ -100,6 +100,8 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
     Raises:
         ValueError: an unsupported module with trainable parameters (without
             ``skip_unsupported``), no supported layer, an unknown ``loss`` or ``fisher``.
+        NotPositiveDefiniteError (at query): a layer's curvature model plus λ is singular to
+            working precision; the message gives a λ that makes it invertible.
     """
 
     settings = TorchInfluenceFunctionModel.settings + (

@@ -29,7 +29,7 @@ from torch.func import vmap
 from .capture import capture_layer_calls, live_state, vmap_gradients
 from .factored import (
     FactoredGradients,
-    _form_weight_gradients,
+    _form_weight_gradients,  # noqa: F401  (importable from here, as before)
     weight_gradients_into,
     weight_gram_into,
     weight_products_into,
@@ -40,9 +40,6 @@ from .layout import LossFunction, ParameterLayout, _Block
 from .memory import default_chunk_size, pass_rows
 
 __all__ = ["GradientEngine", "FactoredGradients", "gradient_engine", "per_sample_gradients"]
-
-# kept importable from here (tests and old code import it from this module)
-_form_weight_gradients = _form_weight_gradients
 
 
 @dataclass(frozen=True)
