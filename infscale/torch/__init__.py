@@ -5,8 +5,8 @@ from .base import TorchInfluenceFunctionModel
 from .cg import CgInfluence
 from .direct import DirectInfluence, NotPositiveDefiniteError
 from .ekfac import EkfacInfluence, EkfacLoss, FisherType
-from .functional import BlockMode, SecondOrderMode
 from .inverse_harmonic_mean import InverseHarmonicMeanInfluence
+from .layout import BlockMode, SecondOrderMode
 from .lissa import LissaDivergenceError, LissaInfluence
 from .nystroem import NystroemSketchInfluence
 from .preconditioner import JacobiPreconditioner, NystroemPreconditioner

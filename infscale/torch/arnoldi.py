@@ -12,9 +12,9 @@ from torch import Tensor, nn
 
 from ..base import InfluenceMode
 from .base import TorchInfluenceFunctionModel
-from .direct import NotPositiveDefiniteError
-from .functional import BlockMode, LossFunction, SecondOrderMode, _Block, default_chunk_size
-from .gradients import FactoredGradients
+from .factored import FactoredGradients
+from .layout import BlockMode, LossFunction, SecondOrderMode, _Block
+from .linalg import not_positive_definite
 
 __all__ = ["ArnoldiInfluence", "lanczos_eigenpairs", "LanczosResult"]
 
@@ -168,6 +168,17 @@ class ArnoldiInfluence(TorchInfluenceFunctionModel):
         relative residual.
     """
 
+    settings = TorchInfluenceFunctionModel.settings + (
+        "rank",
+        "krylov_dimension",
+        "tol",
+        "max_iter",
+        "block_size",
+        "seed",
+    )
+    # training gradients are projected onto the eigenvectors (``_train_gradients``)
+    _train_gradients_are_gradients = False
+
     def __init__(
         self,
         model: nn.Module,
@@ -208,17 +219,6 @@ class ArnoldiInfluence(TorchInfluenceFunctionModel):
         self.eigenvectors: dict[str, Tensor] = {}
         self.lanczos: dict[str, LanczosResult] = {}
 
-    def hyperparameters(self):
-        return {
-            **super().hyperparameters(),
-            "rank": self.rank,
-            "krylov_dimension": self.krylov_dimension,
-            "tol": self.tol,
-            "max_iter": self.max_iter,
-            "block_size": self.block_size,
-            "seed": self.seed,
-        }
-
     def _fit(self, data: Iterable) -> None:
         self.eigenvalues, self.eigenvectors, self.lanczos = {}, {}, {}
         for i, b in enumerate(self.layout.blocks):
@@ -256,12 +256,13 @@ class ArnoldiInfluence(TorchInfluenceFunctionModel):
             lam = regularization[name]
             shifted = sigma + lam
             if bool((shifted <= 0).any()):
-                smallest = sigma.min().item()
-                raise NotPositiveDefiniteError(
-                    f"ArnoldiInfluence: block {name!r} has eigenvalue {smallest:.4g} among its top "
-                    f"{sigma.numel()}, so σ + hessian_regularization={lam:g} ≤ 0 and the inverse is not "
-                    f"defined. Use hessian_regularization > {-smallest:.3g}, or "
-                    "second_order_mode=SecondOrderMode.GAUSS_NEWTON (positive semi-definite)."
+                raise not_positive_definite(
+                    "ArnoldiInfluence",
+                    f"the curvature of block {name!r} (its top {sigma.numel()} eigenvalues)",
+                    lam,
+                    sigma.min().item(),
+                    sigma.abs().max().item(),
+                    "or second_order_mode=SecondOrderMode.GAUSS_NEWTON (positive semi-definite)",
                 )
 
     def _solve_block(self, block: _Block, rhs: Tensor) -> Tensor:
@@ -274,9 +275,7 @@ class ArnoldiInfluence(TorchInfluenceFunctionModel):
         return torch.cat([vectors[:, b.slice] @ self.eigenvectors[b.name] for b in self.layout.blocks], dim=1)
 
     def _train_gradients(self, x: Tensor, y: Tensor) -> Tensor:
-        chunk = self.gradient_chunk_size or default_chunk_size(
-            self.n_parameters, torch.finfo(self.dtype).bits // 8
-        )
+        chunk = self._chunk()
         basis = self._block_rows(self.eigenvectors)
         parts = []
         for s in range(0, len(x), chunk):

@@ -1,44 +1,70 @@
-"""What every PyTorch influence method shares: input checks, per-sample
-gradients, block structure, and turning factors into influences.
+"""What every PyTorch influence method shares: input checks, per-sample gradients, block
+structure, settings, and turning factors into influences.
 
-A subclass implements ``_fit(data)`` and ``_solve_block(block, rhs)``, which
-applies the (approximate) inverse of the regularized curvature block to each
-row of ``rhs``. Everything else (both influence modes, the symmetric case,
-self-influences, results per block) is built here on top of those two.
+Extension points (hooks). A method subclasses ``TorchInfluenceFunctionModel`` and
+
+must implement
+    ``_fit(data)``: fit on the training data (an iterable of (x, y, ...) batches), and
+    ``_solve_block(block, rhs)``: apply the (approximate) inverse of the regularized curvature
+    block to each row of ``rhs`` (k, p_block).
+
+may declare (class attributes)
+    ``settings``: the attribute names that determine its numbers (its full list, once);
+        ``hyperparameters()`` records them. Default: λ, block structure, second-order mode.
+    ``_default_block_regularization``: λ of the blocks a dict ``hessian_regularization``
+        leaves out. Default 0.0.
+    ``_train_gradients_are_gradients``: whether ``_train_gradients`` returns per-sample
+        gradients (dense or factored), so that a symmetric query may reuse the test gradients
+        as training gradients. Default True; a method that projects them sets False.
+
+may override (methods; each default is documented where it is defined)
+    ``_gradients(x, y)``: dense per-sample gradients (n, p). Default: the gradient engine.
+    ``_train_gradients(x, y)``: the training side of ``_from_gradients``. Default: per-sample
+        gradients, factored where the model allows (``GradientEngine.factored``).
+    ``_from_gradients(factors, train)``: influences from factors and ``_train_gradients``.
+        Default: ``GradientEngine.products``.
+    ``_influences(x_test, y_test, x, y, mode, symmetric)``: a query, after the checks. Default:
+        factors by ``_solve``, then ``_from_gradients`` (up) or the mixed derivatives (perturbation).
+    ``_self_influences_up(x, y)``: gᵢᵀ (H + λI)⁻¹ gᵢ. Default: from ``_solve``.
+    ``_chunk()``: samples per chunk of per-sample gradients. Default: ``gradient_chunk_size``, or
+        as many as fit in ``memory.GRADIENT_BYTES``.
+    ``_check_xy(x, y, ...)``: input checks (extend, calling super()).
+
+The gradient engine (``self._engine``, every trainable parameter; ``_block_engine(block)`` per
+block) is built once in ``__init__`` and reads the parameters' current values at every call.
+Nothing here changes the user's model.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..base import InfluenceFunctionModel, InfluenceMode
-from .functional import (
+from .curvature import CurvatureOperator
+from .data import loader_batches, split_batch
+from .gradients import FactoredGradients, GradientEngine
+from .layout import (
     BlockMode,
-    CurvatureOperator,
     LossFunction,
     ParameterLayout,
     SecondOrderMode,
     _Block,
-    _parse_enum,
     block_regularization,
-    default_chunk_size,
-    gradient_engine,
-    loader_batches,
-    perturbation_influences,
-    self_perturbation_influences,
-    split_batch,
+    parse_enum,
 )
-from .gradients import FactoredGradients, GradientEngine
+from .memory import default_chunk_size
+from .perturbation import perturbation_influences, self_perturbation_influences
+from .settings import Configurable
 
 __all__ = ["TorchInfluenceFunctionModel"]
 
 
-class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Iterable]):
+class TorchInfluenceFunctionModel(Configurable, InfluenceFunctionModel[Tensor, Iterable]):
     """Base class of the PyTorch influence methods.
 
     Args:
@@ -53,10 +79,14 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Iterable]):
             Off-diagonal curvature blocks are dropped; influences are the sum over blocks.
         second_order_mode: ``SecondOrderMode.HESSIAN`` (default) or ``GAUSS_NEWTON``.
         gradient_chunk_size: per-sample gradients are computed this many samples
-            at a time (default: as many as fit in 256 MiB).
+            at a time (default: as many as fit in 256 MiB, ``memory.GRADIENT_BYTES``).
+        held_fixed: names of trainable parameters to hold fixed as if frozen (for methods that
+            support only some modules); their ``requires_grad`` is left as it is.
     """
 
-    _default_block_regularization = 0.0
+    settings: ClassVar[tuple[str, ...]] = ("hessian_regularization", "block_structure", "second_order_mode")
+    _default_block_regularization: ClassVar[float] = 0.0
+    _train_gradients_are_gradients: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -66,6 +96,8 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Iterable]):
         block_structure: BlockMode | str | Mapping[str, Iterable[str]] = BlockMode.FULL,
         second_order_mode: SecondOrderMode | str = SecondOrderMode.HESSIAN,
         gradient_chunk_size: int | None = None,
+        *,
+        held_fixed: Iterable[str] = (),
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
@@ -73,16 +105,29 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Iterable]):
             raise TypeError(f"loss must be callable as loss(outputs, targets); got {loss!r}.")
         if gradient_chunk_size is not None and gradient_chunk_size < 1:
             raise ValueError(f"gradient_chunk_size must be ≥ 1 or None; got {gradient_chunk_size}.")
+        if isinstance(block_structure, Mapping):  # a mapping of lists, read once
+            block_structure = {
+                str(k): [v] if isinstance(v, str) else list(v) for k, v in block_structure.items()
+            }
+        else:
+            block_structure = parse_enum(BlockMode, block_structure, "block_structure")
         self.model = model
         self.loss = loss
-        self.layout = ParameterLayout(model, block_structure)
+        self.layout = ParameterLayout(model, block_structure, held_fixed)
         self.block_structure = block_structure
-        self.second_order_mode = _parse_enum(SecondOrderMode, second_order_mode, "second_order_mode")
+        self.second_order_mode = parse_enum(SecondOrderMode, second_order_mode, "second_order_mode")
         self.hessian_regularization = hessian_regularization
         self.regularization = block_regularization(
             self.layout, hessian_regularization, self._default_block_regularization
         )
         self.gradient_chunk_size = gradient_chunk_size
+        # per-sample gradients of every trainable parameter, and of each block (one engine each:
+        # an engine remembers whether the batched nn.Linear path applies to this model)
+        self._engine = GradientEngine(self.layout, loss)
+        self._block_engines = {
+            b.name: self._engine if len(self.layout.blocks) == 1 else GradientEngine(self.layout, loss, b)
+            for b in self.layout.blocks
+        }
         self._fitted = False
         self._feature_shape: torch.Size | None = None
         self.n_train: int | None = None
@@ -110,19 +155,6 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Iterable]):
     def device(self) -> torch.device:
         return self.layout.device
 
-    def hyperparameters(self) -> dict[str, Any]:
-        """The settings that determine the numbers (recorded with stored results)."""
-        reg = self.hessian_regularization
-        return {
-            "hessian_regularization": dict(reg) if isinstance(reg, Mapping) else float(reg),
-            "block_structure": (
-                {k: list(v) for k, v in self.block_structure.items()}
-                if isinstance(self.block_structure, Mapping)
-                else _parse_enum(BlockMode, self.block_structure, "block_structure").value
-            ),
-            "second_order_mode": self.second_order_mode.value,
-        }
-
     def fit(self, data: Iterable) -> TorchInfluenceFunctionModel:
         """Fit on the training data: an iterable of batches (x, y, ...), e.g. a DataLoader.
 
@@ -143,14 +175,16 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Iterable]):
         return self
 
     def _fit(self, data: Iterable) -> None:
+        """Hook (required): fit on the training data."""
         raise NotImplementedError
 
     def _solve_block(self, block: _Block, rhs: Tensor) -> Tensor:
-        """(H_block + λ_block I)⁻¹ applied to each row of rhs (k, p_block)."""
+        """Hook (required): (H_block + λ_block I)⁻¹ applied to each row of rhs (k, p_block)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ helpers
     def _to_device(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """(x, y) as tensors on the model's device; floating ones in the model's dtype."""
         x = torch.as_tensor(x)
         y = torch.as_tensor(y)
         x = x.to(self.device, self.dtype if x.is_floating_point() else x.dtype)
@@ -158,6 +192,8 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Iterable]):
         return x, y
 
     def _check_xy(self, x: Any, y: Any, method: str, x_name: str = "x", y_name: str = "y"):
+        """Hook: checks a query's (x, y) and moves them to the model's device and dtype. Default:
+        tensors with the same number of rows and the fitted feature shape. Extend via super()."""
         for value, name in ((x, x_name), (y, y_name)):
             if not isinstance(value, Tensor):
                 raise TypeError(
@@ -176,9 +212,12 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Iterable]):
             )
         return self._to_device(x, y)
 
+    def _block_engine(self, block: _Block) -> GradientEngine:
+        """The per-sample gradient engine of one block's parameters (``self._engine`` when the
+        block holds every trainable parameter)."""
+        return self._block_engines[block.name]
+
     def _curvature_operator(self, data: Iterable, block: _Block, mode=None) -> CurvatureOperator:
-        # one block holds every trainable parameter: share the model's gradient engine
-        engine = self._engine if len(self.layout.blocks) == 1 else None
         return CurvatureOperator(
             self.layout,
             self.loss,
@@ -186,37 +225,17 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Iterable]):
             block,
             mode or self.second_order_mode,
             self._to_device,
-            engine=engine,
+            engine=self._block_engine(block),
         )
 
-    @property
-    def _engine(self) -> GradientEngine:
-        """Per-sample gradients of every trainable parameter (built once; it remembers
-        whether the batched nn.Linear path applies to this model)."""
-        engine = self.__dict__.get("_gradient_engine")
-        if engine is None:
-            engine = gradient_engine(self.layout, self.loss)
-            self.__dict__["_gradient_engine"] = engine
-        else:  # the current parameter values, should a tensor have been replaced since
-            engine.parameters = self.layout.parameters()
-            engine.fixed = self.layout.fixed_state()
-        return engine
-
-    def _chunk(self, x: Tensor) -> int:
-        return self.gradient_chunk_size or default_chunk_size(self.n_parameters, x.element_size())
+    def _chunk(self) -> int:
+        """Hook: samples per chunk of per-sample gradients. Default: ``gradient_chunk_size``, or as
+        many gradients in the model's dtype as fit in ``memory.GRADIENT_BYTES``."""
+        return self.gradient_chunk_size or default_chunk_size(self.n_parameters, self.dtype.itemsize)
 
     def _gradients(self, x: Tensor, y: Tensor) -> Tensor:
-        return self._engine.gradients(x, y, self._chunk(x))
-
-    def _plain_gradients(self) -> bool:
-        """True when training gradients are plain per-sample gradients, so that products
-        with factors may use their factored form."""
-        cls, base = type(self), TorchInfluenceFunctionModel
-        return (
-            cls._gradients is base._gradients
-            and cls._train_gradients is base._train_gradients
-            and cls._from_gradients is base._from_gradients
-        )
+        """Hook: dense per-sample gradients (n, p). Default: the gradient engine."""
+        return self._engine.gradients(x, y, self._chunk())
 
     def _block_rows(self, columns: Mapping[str, Tensor]) -> Tensor:
         """Each block's (p_block, r_block) vectors as rows of the full parameter space, zero
@@ -238,9 +257,9 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Iterable]):
         return torch.cat([self._solve_block(b, gradients[:, b.slice]) for b in self.layout.blocks], dim=1)
 
     def _from_gradients(self, factors: Tensor, train_gradients: Tensor | FactoredGradients) -> Tensor:
-        if isinstance(train_gradients, FactoredGradients):
-            return self._engine.products(factors, train_gradients)
-        return factors @ train_gradients.T
+        """Hook: influences (k, n) of factors (k, p) with ``_train_gradients``. Default:
+        ``factors @ gradientsᵀ`` by the engine (factored gradients never formed)."""
+        return self._engine.products(factors, train_gradients)
 
     def _perturbation(self, factors: Tensor, x: Tensor, y: Tensor) -> Tensor:
         return perturbation_influences(self.layout, self.loss, factors, x, y, self.gradient_chunk_size)
@@ -301,11 +320,10 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Iterable]):
         return self._perturbation(factors, x, y)
 
     def _train_gradients(self, x: Tensor, y: Tensor) -> Tensor | FactoredGradients:
-        """Training-side gradients for ``_from_gradients`` (a subclass may project them):
-        per-sample gradients, in factored form where that is smaller and faster."""
-        if self._plain_gradients():
-            return self._engine.factored(x, y, self._chunk(x))
-        return self._gradients(x, y)
+        """Hook: the training side of ``_from_gradients``. Default: per-sample gradients, in
+        factored form where that is smaller and faster (``GradientEngine.factored``). A method
+        that returns something else (a projection) sets ``_train_gradients_are_gradients = False``."""
+        return self._engine.factored(x, y, self._chunk())
 
     def _check_factors(self, factors: Any, method: str) -> Tensor:
         if not isinstance(factors, Tensor) or factors.ndim != 2 or factors.shape[1] != self.n_parameters:
@@ -350,10 +368,13 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Iterable]):
         return self._influences(x_test, y_test, x, y, mode, symmetric)
 
     def _influences(self, x_test, y_test, x, y, mode, symmetric) -> Tensor:
+        """Hook: a query after the checks. Default: factors by ``_solve``, then ``_from_gradients``
+        (up; the test gradients serve as training gradients for a symmetric query when
+        ``_train_gradients_are_gradients``) or the mixed derivatives (perturbation)."""
         test_gradients = self._gradients(x_test, y_test)
         factors = self._solve(test_gradients)
         if mode is InfluenceMode.Up:
-            if symmetric and type(self)._train_gradients is TorchInfluenceFunctionModel._train_gradients:
+            if symmetric and self._train_gradients_are_gradients:
                 return self._from_gradients(factors, test_gradients)
             return self._from_gradients(
                 factors, self._train_gradients(x_test if symmetric else x, y_test if symmetric else y)
@@ -374,7 +395,8 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Iterable]):
         return self_perturbation_influences(self.layout, self.loss, factors, x, y, self.gradient_chunk_size)
 
     def _self_influences_up(self, x: Tensor, y: Tensor) -> Tensor:
-        """gᵢᵀ (H + λI)⁻¹ gᵢ for each row (a subclass may use its inverse's structure): (n,)."""
+        """Hook: gᵢᵀ (H + λI)⁻¹ gᵢ for each row, (n,). Default: from ``_solve``; a method may use
+        its inverse's structure."""
         gradients = self._gradients(x, y)
         return (self._solve(gradients) * gradients).sum(dim=1)
 

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from .base import TorchInfluenceFunctionModel
-from .functional import BlockMode, CurvatureOperator, LossFunction, SecondOrderMode, _Block
+from .curvature import CurvatureOperator
+from .layout import BlockMode, LossFunction, SecondOrderMode, _Block
 from .preconditioner import Preconditioner
 
 __all__ = ["CgInfluence", "block_cg"]
@@ -134,6 +135,10 @@ class CgInfluence(TorchInfluenceFunctionModel):
         number, the worst relative residual and what to change.
     """
 
+    #: the preconditioner is recorded with its own settings, e.g. {"class": "NystroemPreconditioner",
+    #: "rank": 10, "seed": 0}, so that a resume with another preconditioner is detected
+    settings = TorchInfluenceFunctionModel.settings + ("rtol", "atol", "maxiter", "preconditioner")
+
     def __init__(
         self,
         model: nn.Module,
@@ -165,15 +170,6 @@ class CgInfluence(TorchInfluenceFunctionModel):
         self.progress = progress
         self._operators: dict[str, CurvatureOperator] = {}
         self._preconditioners: dict[str, Preconditioner] = {}
-
-    def hyperparameters(self):
-        return {
-            **super().hyperparameters(),
-            "rtol": self.rtol,
-            "atol": self.atol,
-            "maxiter": self.maxiter,
-            "preconditioner": type(self.preconditioner).__name__ if self.preconditioner else None,
-        }
 
     def _fit(self, data: Iterable) -> None:
         self._operators = {b.name: self._curvature_operator(data, b) for b in self.layout.blocks}

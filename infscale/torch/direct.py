@@ -9,7 +9,8 @@ from torch import Tensor, nn
 
 from ..errors import NotPositiveDefiniteError
 from .base import TorchInfluenceFunctionModel
-from .functional import BlockMode, LossFunction, SecondOrderMode, _Block
+from .layout import BlockMode, LossFunction, SecondOrderMode, _Block
+from .linalg import cholesky, not_positive_definite
 
 __all__ = ["DirectInfluence", "NotPositiveDefiniteError"]
 
@@ -52,17 +53,17 @@ class DirectInfluence(TorchInfluenceFunctionModel):
         self._cholesky = {}
         for name, H in self.curvature.items():
             lam = self.regularization[name]
-            A = H + lam * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-            L, info = torch.linalg.cholesky_ex(A)
-            if info.item() != 0:
-                smallest = torch.linalg.eigvalsh(H)[0].item()
-                suggestion = max(0.0, -smallest) * 1.1 + 1e-6 * max(1.0, abs(smallest))
-                raise NotPositiveDefiniteError(
-                    f"DirectInfluence.fit(): the curvature of block {name!r} plus "
-                    f"hessian_regularization={lam:g} is not positive definite: the curvature's "
-                    f"smallest eigenvalue is {smallest:.4g}. Use hessian_regularization ≥ "
-                    f"{suggestion:.3g}, or second_order_mode=SecondOrderMode.GAUSS_NEWTON, "
-                    "which is positive semi-definite for cross-entropy and MSE."
+            L = cholesky(H + lam * torch.eye(H.shape[0], dtype=H.dtype, device=H.device))
+            if L is None:
+                eigenvalues = torch.linalg.eigvalsh(H)
+                raise not_positive_definite(
+                    "DirectInfluence.fit()",
+                    f"the curvature of block {name!r}",
+                    lam,
+                    eigenvalues[0].item(),
+                    eigenvalues[-1].item(),
+                    "or second_order_mode=SecondOrderMode.GAUSS_NEWTON, which is positive "
+                    "semi-definite for cross-entropy and MSE",
                 )
             self._cholesky[name] = L
 

@@ -8,8 +8,9 @@ sample. Both come out of ONE batched forward/backward of the model, far cheaper 
 
     factor · ∇_W ℓᵢ  =  Σ_t δᵢₜᵀ F aᵢₜ
 
-so the (n, p) matrix of training gradients is never formed. Trainable parameters outside
-``nn.Linear`` layers (convolutions, norms, embeddings, …) go through ``vmap(grad)``.
+so the (n, p) matrix of training gradients is never formed (``infscale.torch.factored``).
+Trainable parameters outside ``nn.Linear`` layers (convolutions, norms, embeddings, …) go
+through ``vmap(grad)``. Both ways of differentiating come from ``infscale.torch.capture``.
 
 Correctness guard: the batched pass equals the per-sample one only if samples don't
 interact inside the model and no Linear parameter is used outside its module. Every call
@@ -19,76 +20,26 @@ module in training mode) the model permanently uses ``vmap(grad)`` for everythin
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import vmap
 
-__all__ = ["GradientEngine", "FactoredGradients"]
+from .capture import capture_layer_calls, live_state, vmap_gradients
+from .factored import (
+    FactoredGradients,
+    _form_weight_gradients,  # noqa: F401  (importable from here, as before)
+    weight_gradients_into,
+    weight_gram_into,
+    weight_products_into,
+    weight_squared_norms,
+    weight_sums_into,
+)
+from .layout import LossFunction, ParameterLayout, _Block
+from .memory import default_chunk_size, pass_rows
 
-#: floats of intermediate (rows × factors × width) held at once in products (CPU: cache-sized;
-#: an accelerator takes 16× larger chunks, fewer kernel launches)
-PRODUCT_CHUNK_FLOATS = 2**22
-ACCELERATOR_CHUNK_FLOATS = 2**26
-
-#: rows of one batched forward/backward
-ROWS_PER_PASS = 1024
-#: the factored contraction writes and reads k·T·min(in, out) intermediate numbers per sample and
-#: layer, forming the gradients in·out; measured on a 2-core CPU (128-256-256-10 MLP, 2,000 samples):
-#: k = 20 factored 3.5× faster, k = 100 formed 1.2× faster, k = 500 formed 3.4× faster
-_FACTORED_COST = 4
-
-
-def _chunk_floats(t: Tensor) -> int:
-    """Floats of intermediate held at once in products with ``t``'s device."""
-    return PRODUCT_CHUNK_FLOATS if t.device.type == "cpu" else ACCELERATOR_CHUNK_FLOATS
-
-
-def _form_weight_gradients(k: int, positions: int, width_in: int, width_out: int) -> bool:
-    """Whether k factors meet a layer's per-sample weight gradients more cheaply by forming
-    them chunk by chunk (in·out numbers per sample, then one matrix product) than through
-    the factored contraction (k·T·min(in, out) intermediate numbers per sample). Few factors
-    on wide layers: factored; many factors or narrow layers: formed."""
-    return _FACTORED_COST * k * positions * min(width_in, width_out) >= width_in * width_out
-
-
-def _weight_gradients(a: Tensor, d: Tensor) -> Tensor:
-    """Σ_t δ_t a_tᵀ per sample: (r, out, in)."""
-    if a.shape[1] == 1:
-        return d[:, 0, :, None] * a[:, 0, None, :]
-    return torch.bmm(d.transpose(1, 2), a)
-
-
-class FactoredGradients(tuple):
-    """Per-sample gradients in factored form: ``(rest, a₁, δ₁, a₂, δ₂, …)``.
-
-    ``rest`` (n, p_rest) holds the gradients of the parameters outside the covered linear
-    layers; ``aₖ`` (n, T, in) and ``δₖ`` (n, T, out) are the inputs and output gradients of
-    the k-th covered layer (T positions per sample). A plain tuple of tensors, so that
-    calculators can size, ship and convert it like any container of arrays.
-    """
-
-    __slots__ = ()
-
-    @property
-    def n_samples(self) -> int:
-        return int(self[0].shape[0])
-
-    def rows(self, start: int, stop: int) -> FactoredGradients:
-        """The gradients of samples start … stop − 1."""
-        return FactoredGradients(t[start:stop] for t in self)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.element_size() * t.numel() for t in self)
-
-    @staticmethod
-    def cat(parts: Sequence[FactoredGradients]) -> FactoredGradients:
-        """Samples of several factored forms of the same model, in order (raises
-        RuntimeError if their numbers of positions differ)."""
-        return FactoredGradients(torch.cat(items) for items in zip(*parts))
+__all__ = ["GradientEngine", "FactoredGradients", "gradient_engine", "per_sample_gradients"]
 
 
 @dataclass(frozen=True)
@@ -96,8 +47,8 @@ class _LinearLayer:
     module: nn.Module
     weight: str | None  # the weight's name in the model, if trainable and in the parameter set
     bias: str | None
-    weight_index: Tensor | None  # positions of the weight in the flat vector (row-major (out, in))
-    bias_index: Tensor | None
+    weight_index: slice | None  # positions of the weight in the flat vector (row-major (out, in))
+    bias_index: slice | None
     in_features: int
     out_features: int
 
@@ -112,40 +63,54 @@ _TRAINING_SENSITIVE = (nn.modules.batchnorm._NormBase, nn.modules.dropout._Dropo
 
 
 class GradientEngine:
-    """Per-sample gradients and factor products for a set of trainable parameters.
+    """Per-sample gradients and factor products for the parameters of a layout (or of one block).
+
+    Positions in the flat vector are the layout's (``ParameterLayout.offsets``). Parameter values
+    are read from the layout at every call, so the engine always sees the model's current values.
 
     Args:
-        model: the model.
+        layout: the parameter layout.
         loss: ``loss(outputs, targets)``; the per-sample loss is ``loss`` on a batch of one.
-        names: the parameter names, in flat-vector order (each flattened row-major).
-        parameters: name → detached tensor for every name.
-        fixed: everything held fixed in a functional call (buffers, other parameters).
+        block: the block whose parameters vary (default: every trainable parameter); the
+            others are held fixed.
     """
 
-    def __init__(self, model: nn.Module, loss, names: Sequence[str], parameters: dict, fixed: dict):
-        self.model = model
+    def __init__(self, layout: ParameterLayout, loss: LossFunction, block: _Block | None = None):
+        self.layout = layout
+        self.block = block
+        self.model = layout.model
         self.loss = loss
-        self.names = list(names)
-        self.parameters = parameters
-        self.fixed = fixed
-        offsets, start = {}, 0
-        for n in self.names:
-            offsets[n] = (start, parameters[n].numel())
-            start += parameters[n].numel()
-        self.size = start
+        self.names = layout.names(block)
+        offsets = layout.offsets(block)
+        self.size = block.size if block else layout.n_parameters
         self.layers = self._linear_layers(offsets)
         covered = {name for layer in self.layers for name in (layer.weight, layer.bias) if name}
         self.rest = [n for n in self.names if n not in covered]
-        positions = [i for n in self.rest for i in range(offsets[n][0], offsets[n][0] + offsets[n][1])]
+        positions = [i for n in self.rest for i in range(offsets[n].start, offsets[n].stop)]
         self.rest_index = _slice_or_index(positions)
         self.rest_index_list = positions
         self.batched_ok = bool(self.layers)
         self._verified: set[tuple] = set()  # input signatures whose batched gradients matched vmap
 
+    @property
+    def parameters(self) -> dict[str, Tensor]:
+        """name → detached current value of every varying parameter."""
+        return self.layout.parameters(self.block)
+
+    @property
+    def fixed(self) -> dict[str, Tensor]:
+        """Everything held fixed in a functional call (buffers, other parameters)."""
+        return self.layout.fixed_state(self.block)
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.layout.dtype
+
     # ---------------------------------------------------------------- structure
-    def _linear_layers(self, offsets) -> list[_LinearLayer]:
+    def _linear_layers(self, offsets: dict[str, slice]) -> list[_LinearLayer]:
         by_id = {id(p): n for n, p in self.model.named_parameters()}
-        wanted = {id(dict(self.model.named_parameters())[n]) for n in self.names}
+        params = dict(self.model.named_parameters())
+        wanted = {id(params[n]) for n in self.names}
         counts: dict[int, int] = {}
         for m in self.model.modules():
             for p in m._parameters.values():
@@ -160,14 +125,8 @@ class GradientEngine:
             shared = any(counts.get(id(p), 0) > 1 for p in (m.weight, m.bias) if p is not None)
             if shared or (w is None and b is None):
                 continue
-
-            def index(name):
-                if name is None:
-                    return None
-                s, k = offsets[name]
-                return slice(s, s + k)
-
-            layers.append(_LinearLayer(m, w, b, index(w), index(b), m.in_features, m.out_features))
+            index = {n: offsets[n] for n in (w, b) if n is not None}
+            layers.append(_LinearLayer(m, w, b, index.get(w), index.get(b), m.in_features, m.out_features))
         return layers
 
     def _batched_allowed(self) -> bool:
@@ -178,52 +137,42 @@ class GradientEngine:
     # ---------------------------------------------------------------- vmap path
     def _vmap_gradients(self, names: list[str], x: Tensor, y: Tensor) -> Tensor:
         """(n, Σ numel) per-sample gradients of ``names`` by vmap(grad)."""
-        model, loss = self.model, self.loss
-        varying = {n: self.parameters[n] for n in names}
-        fixed = {**self.fixed, **{n: p for n, p in self.parameters.items() if n not in varying}}
-
-        def sample_loss(params, xi, yi):
-            out = functional_call(model, {**fixed, **params}, (xi.unsqueeze(0),))
-            return loss(out, yi.unsqueeze(0))
-
-        g = vmap(grad(sample_loss), in_dims=(None, 0, 0))(varying, x, y)
+        params = self.parameters
+        varying = {n: params[n] for n in names}
+        fixed = {**self.fixed, **{n: p for n, p in params.items() if n not in varying}}
+        g = vmap_gradients(self.model, self.loss, varying, fixed, x, y)
         return torch.cat([g[n].reshape(x.shape[0], -1) for n in names], dim=1)
+
+    def _vmap_into(
+        self, out: Tensor, names: list[str], columns, x: Tensor, y: Tensor, chunk_size: int
+    ) -> None:
+        """Writes vmap(grad) gradients of ``names`` into ``out[:, columns]``, chunk by chunk."""
+        for s in range(0, x.shape[0], chunk_size):
+            out[s : s + chunk_size, columns] = self._vmap_gradients(
+                names, x[s : s + chunk_size], y[s : s + chunk_size]
+            )
 
     # ---------------------------------------------------------------- batched path
     def _capture(self, x: Tensor, y: Tensor) -> list[tuple[Tensor, Tensor]] | None:
         """(a, δ) per covered layer, shapes (n, T, in) and (n, T, out); None if not possible."""
         n = x.shape[0]
-        records: dict[int, list] = {id(layer.module): [] for layer in self.layers}
+        state = live_state(self.parameters, self.fixed)
+        outputs, records = capture_layer_calls(self.model, [layer.module for layer in self.layers], state, x)
+        layer_outputs = [o for calls in records for (_, o) in calls]
+        if not layer_outputs or any(o.shape[0] != n or not o.requires_grad for o in layer_outputs):
+            return None
+        loss = self.loss
 
-        def hook(module, inputs, output):
-            records[id(module)].append((inputs[0], output))
+        def one(o, t):
+            return loss(o.unsqueeze(0), t.unsqueeze(0))
 
-        handles = [layer.module.register_forward_hook(hook) for layer in self.layers]
-        try:
-            with torch.enable_grad():
-                # parameters that require grad, so that the layer outputs carry a graph
-                live = {
-                    n: p.detach().requires_grad_(p.is_floating_point()) for n, p in self.parameters.items()
-                }
-                state = {**self.fixed, **live}
-                outputs = functional_call(self.model, state, (x,))
-                layer_outputs = [o for layer in self.layers for (_, o) in records[id(layer.module)]]
-                if not layer_outputs or any(o.shape[0] != n or not o.requires_grad for o in layer_outputs):
-                    return None
-                loss = self.loss
-
-                def one(o, t):
-                    return loss(o.unsqueeze(0), t.unsqueeze(0))
-
-                total = vmap(one)(outputs, y).sum()
-                deltas = torch.autograd.grad(total, layer_outputs, allow_unused=True)
-        finally:
-            for h in handles:
-                h.remove()
+        with torch.enable_grad():
+            total = vmap(one)(outputs, y).sum()
+            deltas = torch.autograd.grad(total, layer_outputs, allow_unused=True)
         result, k = [], 0
-        for layer in self.layers:
+        for layer, calls in zip(self.layers, records):
             a_parts, d_parts = [], []
-            for a, _ in records[id(layer.module)]:
+            for a, _ in calls:
                 d = deltas[k]
                 k += 1
                 if d is None:
@@ -231,25 +180,19 @@ class GradientEngine:
                 a_parts.append(a.detach().reshape(n, -1, layer.in_features))
                 d_parts.append(d.detach().reshape(n, -1, layer.out_features))
             if not a_parts:  # the layer was not called: its gradient is zero
-                z = x.new_zeros(n, 0, layer.in_features)
-                a_parts, d_parts = [z], [x.new_zeros(n, 0, layer.out_features)]
+                a_parts = [torch.zeros(n, 0, layer.in_features, dtype=self._dtype, device=x.device)]
+                d_parts = [torch.zeros(n, 0, layer.out_features, dtype=self._dtype, device=x.device)]
             result.append((torch.cat(a_parts, dim=1), torch.cat(d_parts, dim=1)))
         return result
 
     def _layer_gradient_into(self, out: Tensor, layer: _LinearLayer, a: Tensor, d: Tensor) -> None:
         n = a.shape[0]
         if layer.weight_index is not None:
-            view = out[:, layer.weight_index].view(n, layer.out_features, layer.in_features)
-            if a.shape[1] == 1:
-                torch.mul(d[:, 0, :, None], a[:, 0, None, :], out=view)
-            else:
-                torch.bmm(d.transpose(1, 2), a, out=view)
+            weight_gradients_into(
+                out[:, layer.weight_index].view(n, layer.out_features, layer.in_features), a, d
+            )
         if layer.bias_index is not None:
             torch.sum(d, dim=1, out=out[:, layer.bias_index])
-
-    @property
-    def _dtype(self) -> torch.dtype:
-        return next(iter(self.parameters.values())).dtype
 
     def _matches_vmap(self, dense_first: Tensor, x: Tensor, y: Tensor) -> bool:
         reference = self._vmap_gradients(self.names, x[:1], y[:1])[0]
@@ -283,25 +226,16 @@ class GradientEngine:
         return captured
 
     # ---------------------------------------------------------------- public
-    def _vmap_into(
-        self, out: Tensor, names: list[str], columns, x: Tensor, y: Tensor, chunk_size: int
-    ) -> None:
-        """Writes vmap(grad) gradients of ``names`` into ``out[:, columns]``, chunk by chunk."""
-        for s in range(0, x.shape[0], chunk_size):
-            out[s : s + chunk_size, columns] = self._vmap_gradients(
-                names, x[s : s + chunk_size], y[s : s + chunk_size]
-            )
-
     def gradients(self, x: Tensor, y: Tensor, chunk_size: int) -> Tensor:
         """Per-sample gradients, (n, size)."""
-        n = x.shape[0]
+        n, rows_per_pass = x.shape[0], pass_rows()
         out = torch.empty(n, self.size, dtype=self._dtype, device=x.device)
-        captured = self._batched(x[:ROWS_PER_PASS], y[:ROWS_PER_PASS]) if n else None
+        captured = self._batched(x[:rows_per_pass], y[:rows_per_pass]) if n else None
         if captured is None:
             self._vmap_into(out, self.names, slice(None), x, y, chunk_size)
             return out
-        for s in range(0, n, ROWS_PER_PASS):
-            rows = slice(s, s + ROWS_PER_PASS)
+        for s in range(0, n, rows_per_pass):
+            rows = slice(s, s + rows_per_pass)
             cap = captured if s == 0 else self._capture(x[rows], y[rows])
             if cap is None:  # this chunk can't take the batched path: vmap gives the same values
                 self._vmap_into(out[rows], self.names, slice(None), x[rows], y[rows], chunk_size)
@@ -315,13 +249,13 @@ class GradientEngine:
     def factored(self, x: Tensor, y: Tensor, chunk_size: int) -> FactoredGradients | Tensor:
         """Per-sample gradients in factored form, or dense (n, size) if the batched path
         doesn't apply (then the caller gets the same values, slower)."""
-        n = x.shape[0]
-        captured = self._batched(x[:ROWS_PER_PASS], y[:ROWS_PER_PASS]) if n else None
+        n, rows_per_pass = x.shape[0], pass_rows()
+        captured = self._batched(x[:rows_per_pass], y[:rows_per_pass]) if n else None
         if captured is None:
             return self.gradients(x, y, chunk_size)
         parts = [captured] + [
-            self._capture(x[s : s + ROWS_PER_PASS], y[s : s + ROWS_PER_PASS])
-            for s in range(ROWS_PER_PASS, n, ROWS_PER_PASS)
+            self._capture(x[s : s + rows_per_pass], y[s : s + rows_per_pass])
+            for s in range(rows_per_pass, n, rows_per_pass)
         ]
         if any(p is None for p in parts):
             return self.gradients(x, y, chunk_size)
@@ -371,38 +305,13 @@ class GradientEngine:
                 result += factors[:, positions] @ rest[:, keep].T
         for i, layer, use_w, use_b in self._layers_within(columns):
             a, d = gradients[1 + 2 * i], gradients[2 + 2 * i]
-            positions = a.shape[1]
-            if positions == 0:
+            if a.shape[1] == 0:
                 continue
-            if use_b:
-                # Σ_t δ_t · f_b
+            if use_b:  # Σ_t δ_t · f_b
                 result += factors[:, layer.bias_index] @ d.sum(dim=1).T
-            if not use_w:
-                continue
-            F = factors[:, layer.weight_index].reshape(k, layer.out_features, layer.in_features)
-            if _form_weight_gradients(k, positions, layer.in_features, layer.out_features):
-                rows = max(1, _chunk_floats(factors) // (layer.out_features * layer.in_features))
-                flat = F.reshape(k, -1)
-                for s in range(0, n, rows):
-                    g = _weight_gradients(a[s : s + rows], d[s : s + rows])
-                    result[:, s : s + rows] += flat @ g.reshape(g.shape[0], -1).T
-                continue
-            width_in, width_out = layer.in_features, layer.out_features
-            rows = max(1, _chunk_floats(factors) // (k * positions * min(width_in, width_out)))
-            # contract over the wider side in a matrix product, the narrower one elementwise
-            # (the factor matrix is arranged once, not per chunk)
-            if width_out <= width_in:
-                wide_side, narrow_side, narrow = a, d, width_out
-                M = F.reshape(k * width_out, width_in).T  # (in, k·out)
-            else:
-                wide_side, narrow_side, narrow = d, a, width_in
-                M = F.transpose(1, 2).reshape(k * width_in, width_out).T  # (out, k·in)
-            for s in range(0, n, rows):
-                w_s = wide_side[s : s + rows].reshape(-1, wide_side.shape[2])  # (r·T, wide)
-                n_s = narrow_side[s : s + rows].reshape(-1, narrow, 1)  # (r·T, narrow, 1)
-                p = (w_s @ M).view(-1, k, narrow)  # (r·T, k, narrow)
-                vals = torch.bmm(p, n_s).view(-1, positions, k)  # summed over the narrow side
-                result[:, s : s + rows] += vals.sum(dim=1).T
+            if use_w:
+                F = factors[:, layer.weight_index].reshape(k, layer.out_features, layer.in_features)
+                weight_products_into(result, F, a, d)
         return result
 
     def gram_width(self, gradients: FactoredGradients | Tensor, columns: slice | None = None) -> int:
@@ -448,47 +357,22 @@ class GradientEngine:
         if isinstance(right, Tensor):
             return self.products(right, left, columns).T
         rest_l, rest_r = left[0], right[0]
-        n_left, n_right = rest_l.shape[0], rest_r.shape[0]
-        result = torch.zeros(n_left, n_right, dtype=rest_l.dtype, device=rest_l.device)
+        result = torch.zeros(rest_l.shape[0], rest_r.shape[0], dtype=rest_l.dtype, device=rest_l.device)
         if self.rest:
             keep = self._rest_within(columns)
             if keep is None:
                 result += rest_l @ rest_r.T
             elif keep.numel():
                 result += rest_l[:, keep] @ rest_r[:, keep].T
-        for i, layer, use_w, use_b in self._layers_within(columns):
+        for i, _, use_w, use_b in self._layers_within(columns):
             a_l, d_l, a_r, d_r = left[1 + 2 * i], left[2 + 2 * i], right[1 + 2 * i], right[2 + 2 * i]
-            positions = a_l.shape[1]
-            if positions == 0 or a_r.shape[1] == 0:
+            if a_l.shape[1] == 0 or a_r.shape[1] == 0:
                 continue
             if use_b:
                 result += d_l.sum(dim=1) @ d_r.sum(dim=1).T
             if use_w:
-                self._weight_gram_into(result, layer, a_l, d_l, a_r, d_r)
+                weight_gram_into(result, a_l, d_l, a_r, d_r)
         return result
-
-    def _weight_gram_into(self, result: Tensor, layer, a_l, d_l, a_r, d_r) -> None:
-        """Adds ⟨∇_W ℓ_left, ∇_W ℓ_right⟩ of one covered layer to ``result`` (n_left, n_right)."""
-        n_left, t_l, width_in = a_l.shape
-        n_right, t_r, width_out = d_r.shape
-        if t_l == 1 and t_r == 1:
-            result += (a_l[:, 0] @ a_r[:, 0].T) * (d_l[:, 0] @ d_r[:, 0].T)
-            return
-        if t_l * t_r * (width_in + width_out) <= width_in * width_out:
-            rows = max(1, _chunk_floats(result) // max(1, t_l * n_right * t_r))
-            A_r, D_r = a_r.reshape(-1, width_in), d_r.reshape(-1, width_out)
-            for s in range(0, n_left, rows):
-                A = a_l[s : s + rows].reshape(-1, width_in) @ A_r.T  # (r·T, n_right·T)
-                A *= d_l[s : s + rows].reshape(-1, width_out) @ D_r.T
-                result[s : s + rows] += A.view(-1, t_l, n_right, t_r).sum(dim=(1, 3))
-            return
-        numel = width_in * width_out
-        rows = max(1, _chunk_floats(result) // numel)
-        for s in range(0, n_left, rows):
-            W_l = _weight_gradients(a_l[s : s + rows], d_l[s : s + rows]).reshape(-1, numel)
-            for u in range(0, n_right, rows):
-                W_r = _weight_gradients(a_r[u : u + rows], d_r[u : u + rows]).reshape(-1, numel)
-                result[s : s + rows, u : u + rows] += W_l @ W_r.T
 
     def to_dense(self, gradients: FactoredGradients | Tensor) -> Tensor:
         """The (n, size) per-sample gradients of a factored form (a dense one as it is)."""
@@ -533,9 +417,8 @@ class GradientEngine:
             cols = columns or slice(0, self.size)
             out[:, cols] = weights @ gradients[:, cols]
             return out
-        k = weights.shape[0]
         rest = gradients[0]
-        out = torch.zeros(k, self.size, dtype=rest.dtype, device=rest.device)
+        out = torch.zeros(weights.shape[0], self.size, dtype=rest.dtype, device=rest.device)
         if self.rest:
             keep = self._rest_within(columns)
             if keep is None:
@@ -545,22 +428,10 @@ class GradientEngine:
                 out[:, positions] = weights @ rest[:, keep]
         for i, layer, use_w, use_b in self._layers_within(columns):
             a, d = gradients[1 + 2 * i], gradients[2 + 2 * i]
-            n, positions, width_out = d.shape
             if use_b:
                 out[:, layer.bias_index] = weights @ d.sum(dim=1)
-            if use_w and _form_weight_gradients(k, positions, layer.in_features, width_out):
-                flat = out[:, layer.weight_index]
-                rows = max(1, _chunk_floats(weights) // (width_out * layer.in_features))
-                for s in range(0, n, rows):
-                    g = _weight_gradients(a[s : s + rows], d[s : s + rows])
-                    flat += weights[:, s : s + rows] @ g.reshape(g.shape[0], -1)
-            elif use_w:
-                view = out[:, layer.weight_index].view(k, width_out, layer.in_features)
-                rows = max(1, _chunk_floats(weights) // max(1, k * positions * width_out))
-                for s in range(0, n, rows):
-                    wd = weights[:, s : s + rows, None, None] * d[None, s : s + rows]  # (k, r, T, out)
-                    wd = wd.reshape(k, -1, width_out).transpose(1, 2)  # (k, out, r·T)
-                    view += wd @ a[s : s + rows].reshape(-1, layer.in_features)
+            if use_w:
+                weight_sums_into(out[:, layer.weight_index], weights, a, d)
         return out
 
     def squared_norms(self, gradients: FactoredGradients | Tensor, columns: slice | None = None) -> Tensor:
@@ -580,14 +451,37 @@ class GradientEngine:
             if use_b:
                 total += d.sum(dim=1).square().sum(dim=1)
             if use_w:
-                if a.shape[1] == 1:
-                    total += a[:, 0].square().sum(dim=1) * d[:, 0].square().sum(dim=1)
-                else:  # ‖Σ_t δ_t a_tᵀ‖² = Σ_{t,t'} (δ_t·δ_t')(a_t·a_t')
-                    total += ((d @ d.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum(dim=(1, 2))
+                total += weight_squared_norms(a, d)
         return total
 
 
-def _inside(index: slice | Tensor, columns: slice | None) -> bool:
+def _inside(index: slice, columns: slice | None) -> bool:
     if columns is None:
         return True
     return columns.start <= index.start and index.stop <= columns.stop
+
+
+def gradient_engine(
+    layout: ParameterLayout, loss: LossFunction, block: _Block | None = None
+) -> GradientEngine:
+    """The per-sample gradient engine of the layout's parameters (of one block, if given)."""
+    return GradientEngine(layout, loss, block)
+
+
+def per_sample_gradients(
+    layout: ParameterLayout,
+    loss: LossFunction,
+    x: Tensor,
+    y: Tensor,
+    chunk_size: int | None = None,
+    block: _Block | None = None,
+) -> Tensor:
+    """Per-sample gradients ∇_θ ℓ(x_i, y_i), shape (n, p) (p of the block if given).
+
+    ``nn.Linear`` layers come from one batched forward/backward; other parameters from
+    ``vmap(grad)`` in chunks of ``chunk_size`` samples (default: ``memory.default_chunk_size``),
+    so memory stays bounded by chunk_size · (p + activations).
+    """
+    engine = GradientEngine(layout, loss, block)
+    chunk = chunk_size or default_chunk_size(engine.size, x.element_size())
+    return engine.gradients(x, y, chunk)

@@ -9,17 +9,15 @@ from torch import Tensor, nn
 
 from ..base import InfluenceMode
 from .base import TorchInfluenceFunctionModel
-from .functional import BlockMode, LossFunction, SecondOrderMode, _Block, loader_batches, split_batch
-from .gradients import FactoredGradients
+from .data import device_batches
+from .factored import FactoredGradients
+from .layout import BlockMode, LossFunction, SecondOrderMode, _Block
+from .memory import STORED_GRADIENT_BYTES, gram_rows, solve_rows
 
 __all__ = ["InverseHarmonicMeanInfluence"]
 
-#: stored training gradients may take this many bytes by default (1 GiB)
-DEFAULT_STORED_GRADIENT_BYTES = 2**30
-#: rows of stored gradients used at once in a solve
-_ROWS_PER_STEP = 16_384
-#: inner products of fit gradients with query points held at once (numbers): 128 MiB in float32
-_GRAM_FLOATS = 2**25
+#: stored training gradients may take this many bytes by default (``memory.STORED_GRADIENT_BYTES``)
+DEFAULT_STORED_GRADIENT_BYTES = STORED_GRADIENT_BYTES
 
 
 class InverseHarmonicMeanInfluence(TorchInfluenceFunctionModel):
@@ -57,6 +55,9 @@ class InverseHarmonicMeanInfluence(TorchInfluenceFunctionModel):
         ValueError: λ ≤ 0 in some block, max_stored_gradient_bytes < 0.
     """
 
+    # no second-order mode: only gradients are used
+    settings = ("hessian_regularization", "block_structure")
+
     def __init__(
         self,
         model: nn.Module,
@@ -86,11 +87,6 @@ class InverseHarmonicMeanInfluence(TorchInfluenceFunctionModel):
                 f"((gᵢgᵢᵀ + λI) is singular for λ = 0); got {bad}."
             )
 
-    def hyperparameters(self):
-        params = super().hyperparameters()
-        params.pop("second_order_mode", None)
-        return params
-
     @property
     def stores_gradients(self) -> bool:
         """Whether the training gradients are kept in memory (else recomputed per query)."""
@@ -104,13 +100,12 @@ class InverseHarmonicMeanInfluence(TorchInfluenceFunctionModel):
         parts: list | None = []
         inputs: list[tuple[Tensor, Tensor]] = []
         n, used = 0, 0
-        for batch in loader_batches(data):
-            x, y = self._to_device(*split_batch(batch, "each batch of data"))
+        for x, y in device_batches(data, self._to_device):
             n += x.shape[0]
             if parts is None:
                 continue
             # per-sample gradients, factored (far smaller) for nn.Linear layers
-            gradients = self._engine.factored(x, y, self._chunk(x))
+            gradients = self._engine.factored(x, y, self._chunk())
             used += _nbytes(gradients) + x.nbytes + y.nbytes
             if used <= budget:
                 parts.append(gradients)
@@ -161,18 +156,16 @@ class InverseHarmonicMeanInfluence(TorchInfluenceFunctionModel):
 
     def _train_gradients(self, x: Tensor, y: Tensor) -> Tensor | FactoredGradients:
         stored = self._stored_rows(x, y)
-        return stored if stored is not None else self._engine.factored(x, y, self._chunk(x))
+        return stored if stored is not None else self._engine.factored(x, y, self._chunk())
 
     def _training_gradients(self) -> Iterator[Tensor | FactoredGradients]:
         if self._stored is not None:
-            n = self.n_train
-            for s in range(0, n, _ROWS_PER_STEP):
-                yield _rows(self._stored, s, min(s + _ROWS_PER_STEP, n))
+            n, step = self.n_train, solve_rows()
+            for s in range(0, n, step):
+                yield _rows(self._stored, s, min(s + step, n))
             return
-        for batch in loader_batches(self._data):
-            x, y = self._to_device(*split_batch(batch, "each batch of data"))
-            if x.shape[0]:
-                yield self._engine.factored(x, y, self._chunk(x))
+        for x, y in device_batches(self._data, self._to_device):
+            yield self._engine.factored(x, y, self._chunk())
 
     def _influences(self, x_test, y_test, x, y, mode, symmetric) -> Tensor:
         if mode is not InfluenceMode.Up:
@@ -222,9 +215,9 @@ class InverseHarmonicMeanInfluence(TorchInfluenceFunctionModel):
                 yield G, b.slice, lam, 1.0 / (lam + self._engine.squared_norms(G, b.slice))
 
     def _fit_gradient_chunks(self, width: int) -> Iterator[Tensor | FactoredGradients]:
-        """The training gradients in chunks of at most ``_GRAM_FLOATS // width`` rows, so that
-        inner products with ``width`` other points stay within that many numbers."""
-        rows = max(1, _GRAM_FLOATS // max(1, width))
+        """The training gradients in chunks of rows whose inner products with ``width`` other points
+        fit in ``memory.GRAM_BYTES``."""
+        rows = gram_rows(width, self.dtype.itemsize)
         for G in self._training_gradients():
             n = _n(G)
             for s in range(0, n, rows):

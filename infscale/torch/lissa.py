@@ -11,16 +11,9 @@ from tqdm.auto import tqdm
 
 from ..errors import LissaDivergenceError
 from .base import TorchInfluenceFunctionModel
-from .functional import (
-    BlockMode,
-    CurvatureOperator,
-    LossFunction,
-    SecondOrderMode,
-    _Block,
-    gradient_engine,
-    loader_batches,
-    split_batch,
-)
+from .curvature import CurvatureOperator
+from .data import batch_sizes, device_batches
+from .layout import BlockMode, LossFunction, SecondOrderMode, _Block
 
 __all__ = ["LissaInfluence", "LissaDivergenceError"]
 
@@ -73,6 +66,8 @@ class LissaInfluence(TorchInfluenceFunctionModel):
         RuntimeWarning when ``maxiter`` is reached, with the relative change reached.
     """
 
+    settings = TorchInfluenceFunctionModel.settings + ("maxiter", "dampen", "scale", "rtol")
+
     def __init__(
         self,
         model: nn.Module,
@@ -107,31 +102,20 @@ class LissaInfluence(TorchInfluenceFunctionModel):
         self._mean_batch_size = 1.0
         self.last_iterations: dict[str, int] = {}
 
-    def hyperparameters(self):
-        return {
-            **super().hyperparameters(),
-            "maxiter": self.maxiter,
-            "dampen": self.dampen,
-            "scale": self.scale,
-            "rtol": self.rtol,
-        }
-
     def _fit(self, data: Iterable) -> None:
         self._data = data
-        sizes = [split_batch(batch, "each batch of data")[0].shape[0] for batch in loader_batches(data)]
-        if sum(sizes) == 0:
+        sizes = [n for n in batch_sizes(data) if n]  # empty batches are skipped when iterating
+        if not sizes:
             raise ValueError("LissaInfluence.fit(): the training data yielded no samples.")
         self._mean_batch_size = sum(sizes) / len(sizes)
 
     def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
-        batches = loader_batches(self._data)
+        """The non-empty batches of the fit data on the model's device, cycled without end."""
         while True:
             empty = True
-            for batch in batches:
-                x, y = self._to_device(*split_batch(batch, "each batch of data"))
-                if x.shape[0]:
-                    empty = False
-                    yield x, y
+            for x, y in device_batches(self._data, self._to_device):
+                empty = False
+                yield x, y
             if empty:
                 raise ValueError("LissaInfluence: the training data loader yielded no batch.")
 
@@ -155,9 +139,8 @@ class LissaInfluence(TorchInfluenceFunctionModel):
         bound = 10 * scale * b_norm / shift if shift > 0 else None
         keep = 1 - dampen - lam / scale  # h_{t+1} = b + keep · h_t − weight · H_t h_t / scale
 
-        # the empirical Fisher's per-sample gradient engine, shared by every iteration's product
-        ef = self.second_order_mode is SecondOrderMode.EMPIRICAL_FISHER
-        engine = gradient_engine(self.layout, self.loss, block) if ef else None
+        # the block's per-sample gradient engine (empirical Fisher), shared by every product
+        engine = self._block_engine(block)
 
         def product(x: Tensor, y: Tensor, V: Tensor) -> Tensor:
             op = CurvatureOperator(

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..base import InfluenceMode
 from .base import TorchInfluenceFunctionModel
-from .functional import BlockMode, LossFunction, SecondOrderMode, _Block
+from .layout import BlockMode, LossFunction, SecondOrderMode, _Block
 from .preconditioner import nystroem_sketch
 
 __all__ = ["NystroemSketchInfluence"]
@@ -51,6 +51,8 @@ class NystroemSketchInfluence(TorchInfluenceFunctionModel):
         ValueError: rank < 1, or λ ≤ 0 in some block.
     """
 
+    settings = TorchInfluenceFunctionModel.settings + ("rank", "seed")
+
     def __init__(
         self,
         model: nn.Module,
@@ -82,9 +84,6 @@ class NystroemSketchInfluence(TorchInfluenceFunctionModel):
                 f"NystroemSketchInfluence needs hessian_regularization > 0 in every block (the Woodbury "
                 f"inverse scales the complement of the sketch by 1/λ); got {bad}."
             )
-
-    def hyperparameters(self):
-        return {**super().hyperparameters(), "rank": self.rank, "seed": self.seed}
 
     def _fit(self, data: Iterable) -> None:
         self.eigenvalues, self.eigenvectors, self.core_eigenvalues = {}, {}, {}
@@ -134,8 +133,8 @@ class NystroemSketchInfluence(TorchInfluenceFunctionModel):
         if mode is not InfluenceMode.Up:
             return super()._influences(x_test, y_test, x, y, mode, symmetric)
         engine = self._engine
-        test = engine.factored(x_test, y_test, self._chunk(x_test))
-        train = test if symmetric else engine.factored(x, y, self._chunk(x))
+        test = engine.factored(x_test, y_test, self._chunk())
+        train = test if symmetric else engine.factored(x, y, self._chunk())
         if not engine.inner_products_pay(test, train):
             return self._from_gradients(self._solve(engine.to_dense(test)), train)
         basis = self._block_rows(self.eigenvectors)
@@ -149,7 +148,7 @@ class NystroemSketchInfluence(TorchInfluenceFunctionModel):
     def _self_influences_up(self, x: Tensor, y: Tensor) -> Tensor:
         """Σ_blocks ‖g‖² / λ + Σ_r d_r P_r² (see ``_influences``), from the factored gradients."""
         engine = self._engine
-        gradients = engine.factored(x, y, self._chunk(x))
+        gradients = engine.factored(x, y, self._chunk())
         if not engine.inner_products_pay(gradients):
             return super()._self_influences_up(x, y)
         projected = engine.products(self._block_rows(self.eigenvectors), gradients)  # (Σ rank, n)

@@ -8,6 +8,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .settings import Configurable
+
 __all__ = ["Preconditioner", "JacobiPreconditioner", "NystroemPreconditioner", "nystroem_sketch"]
 
 MatMat = Callable[[Tensor], Tensor]
@@ -40,8 +42,11 @@ def nystroem_sketch(matmat: MatMat, size: int, rank: int, dtype, device, seed: i
     return U.to(dtype), sigma.to(dtype)
 
 
-class Preconditioner(ABC):
-    """Approximates (A + λI)⁻¹ for conjugate gradients; fitted once per curvature block."""
+class Preconditioner(Configurable, ABC):
+    """Approximates (A + λI)⁻¹ for conjugate gradients; fitted once per curvature block.
+
+    A subclass declares its ``settings`` (attribute names), which ``hyperparameters()`` records.
+    """
 
     @abstractmethod
     def fit(self, matmat: MatMat, size: int, regularization: float, dtype, device) -> Preconditioner:
@@ -59,6 +64,8 @@ class JacobiPreconditioner(Preconditioner):
     """Diagonal preconditioner 1 / (diag(A) + λ), the diagonal estimated with
     Hutchinson's estimator from ``num_samples_estimator`` Rademacher probes
     (each probe is one curvature-vector product, all done in one pass)."""
+
+    settings = ("num_samples_estimator", "seed")
 
     def __init__(self, num_samples_estimator: int = 1, seed: int = 0):
         if num_samples_estimator < 1:
@@ -83,6 +90,8 @@ class JacobiPreconditioner(Preconditioner):
 class NystroemPreconditioner(Preconditioner):
     """Randomized Nyström preconditioner (Frangella, Tropp & Udell 2023):
     P⁻¹ = (σ_r + λ) U (Σ + λI)⁻¹ Uᵀ + (I − UUᵀ), from one product with ``rank`` vectors."""
+
+    settings = ("rank", "seed")
 
     def __init__(self, rank: int, seed: int = 0):
         if rank < 1:

@@ -138,3 +138,42 @@ def test_bad_arguments(mlp):
         CgInfluence(p.model, p.loss, maxiter=0)
     with pytest.raises(TypeError, match="preconditioner must be"):
         CgInfluence(p.model, p.loss, preconditioner="jacobi")
+
+
+def test_preconditioner_settings_are_recorded_and_a_resume_with_another_rank_is_refused(linreg, tmp_path):
+    """hyperparameters() records the preconditioner with its own settings, so a store written with
+    NystroemPreconditioner(rank=2) refuses to be resumed by a model with rank=3 (it would mix blocks of
+    two different computations), while the same settings resume."""
+    from infscale import SequentialInfluenceCalculator
+    from infscale.errors import StoreMismatchError
+    from infscale.torch.util import TorchNumpyConverter
+
+    p = linreg
+
+    def model(preconditioner):
+        return CgInfluence(p.model, p.loss, LAM, preconditioner=preconditioner).fit(p.loader(5))
+
+    rank2, rank3 = model(NystroemPreconditioner(rank=2)), model(NystroemPreconditioner(rank=3))
+    assert rank2.hyperparameters()["preconditioner"] == {
+        "class": "NystroemPreconditioner",
+        "rank": 2,
+        "seed": 0,
+    }
+    assert rank2.hyperparameters() != rank3.hyperparameters()
+    assert model(None).hyperparameters()["preconditioner"] is None
+    jacobi = model(JacobiPreconditioner(num_samples_estimator=4)).hyperparameters()["preconditioner"]
+    assert jacobi == {"class": "JacobiPreconditioner", "num_samples_estimator": 4, "seed": 0}
+
+    test = [(p.x_test, p.y_test)]
+    path = str(tmp_path / "influences.zarr")
+    conv = TorchNumpyConverter()
+
+    def write(infl, **kwargs):
+        lazy = SequentialInfluenceCalculator(infl).influences(test, p.loader(5))
+        return lazy.to_zarr(path, conv, progress=False, return_stored=True, **kwargs)
+
+    stored = write(rank2)
+    with pytest.raises(StoreMismatchError, match="rank"):
+        write(rank3, resume=True)
+    again = write(model(NystroemPreconditioner(rank=2)), resume=True)
+    assert (again[...] == stored[...]).all()

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -523,3 +524,84 @@ def test_more_layer_shapes_give_exact_gradients_and_consistent_influences(kind):
     torch.testing.assert_close(
         ek.diagonal[first.name], (q_g.T @ G @ q_a).square().mean(0), rtol=1e-9, atol=1e-14
     )
+
+
+# ---------------------------------------------------------------- singular curvature, the user's model
+@pytest.mark.parametrize("update_diagonal", [True, False])
+def test_singular_curvature_raises_not_positive_definite_with_a_working_lambda(update_diagonal):
+    """An input feature that is 0 in every sample: the first layer's A has a zero eigenvalue, so its
+    curvature model (K-FAC: Λ_G ⊗ Λ_A; EK-FAC: the projected second moments, which vanish along that
+    direction) is singular. With λ = 0 a query raises NotPositiveDefiniteError, and the λ the message
+    suggests gives the influences of an explicit solve with the layer's curvature model."""
+    from infscale.errors import NotPositiveDefiniteError
+
+    model, x, y = make("mlp_bias")
+    x = x.clone()
+    x[:, 2] = 0.0
+    ek = EkfacInfluence(model, update_diagonal=update_diagonal, fisher="empirical").fit(loader(x, y))
+    for query in (
+        lambda m: m.influences(x[:3], y[:3], x, y),
+        lambda m: m.self_influences(x, y),
+        lambda m: m.influence_factors(x, y),
+        lambda m: m.explore_hessian_regularization(x, y, [0.0]),
+    ):
+        with pytest.raises(NotPositiveDefiniteError, match="layer '0'.*singular") as info:
+            query(ek)
+    message = str(info.value)
+    assert "hessian_regularization=0 " in message
+    suggested = float(re.search(r"hessian_regularization ≥ (\S+),", message).group(1))
+    assert suggested > 0
+    fixed = ek.with_regularization(suggested)
+    g = per_sample_gradients(ek.layout, F.cross_entropy, x, y)
+    expected = 0.0
+    for b in ek.layout.blocks:
+        C = fixed.curvature_block(b.name) + suggested * torch.eye(b.size, dtype=DT)
+        expected = expected + g[:3, b.slice] @ torch.linalg.solve(C, g[:, b.slice].T)
+    torch.testing.assert_close(fixed.influences(x[:3], y[:3], x, y), expected, rtol=1e-6, atol=0.0)
+
+
+class WatchedParameter(nn.Parameter):
+    """A parameter that logs every change of its requires_grad flag."""
+
+    changes: list = []
+
+    def requires_grad_(self, requires_grad: bool = True):
+        WatchedParameter.changes.append(requires_grad)
+        return super().requires_grad_(requires_grad)
+
+    def __setattr__(self, name, value):
+        if name == "requires_grad":
+            WatchedParameter.changes.append(value)
+        super().__setattr__(name, value)
+
+
+def test_ekfac_leaves_every_user_parameter_alone():
+    """A model with a module EK-FAC leaves out (LayerNorm, skip_unsupported=True), a frozen layer and an
+    eval-mode batch norm: building, fitting and querying never touch a parameter's requires_grad (not
+    even for a moment), its value or its .grad, nor a buffer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)
+    ).to(DT)
+    model[3].requires_grad_(False)
+    model.eval()
+    for module in (model[0], model[1]):
+        for name, p in list(module.named_parameters(recurse=False)):
+            setattr(module, name, WatchedParameter(p.detach().clone(), requires_grad=p.requires_grad))
+    WatchedParameter.changes.clear()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    values = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    x, y = data("mlp", n=10)
+    with pytest.warns(UserWarning, match="LayerNorm"):
+        ek = EkfacInfluence(model, skip_unsupported=True, hessian_regularization=0.01)
+    assert WatchedParameter.changes == []  # the test can see a flip (the old code flipped here)
+    ek.fit(loader(x, y))
+    ek.influences(x[:2], y[:2], x, y)
+    ek.influences(x[:2], y[:2], x[:3], y[:3], mode="perturbation")
+    ek.self_influences(x, y)
+    assert WatchedParameter.changes == []
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    after = model.state_dict()
+    assert all(torch.equal(after[n], v) for n, v in values.items())
+    assert ek.layout.block_names == ["0", "5"]  # the LayerNorm and the frozen layer are held fixed

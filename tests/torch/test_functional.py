@@ -155,7 +155,7 @@ def test_small_batches_are_merged_without_changing_the_mean_curvature(mlp, groun
     over a TensorDataset is read as slices. The products equal the explicit Hessian either way."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    import infscale.torch.functional as F
+    import infscale.torch.memory as F
 
     p = mlp
     H = ground_truth.hessian(p.model, p.loss, p.x, p.y)
@@ -170,3 +170,37 @@ def test_small_batches_are_merged_without_changing_the_mean_curvature(mlp, groun
     op = CurvatureOperator(layout, p.loss, p.loader(7), layout.blocks[0], "hessian", identity)
     assert [x.shape[0] for x, _ in op._batches()] == [7, 7, 7, 7, 7, 5]
     assert ground_truth.relerr(op.matmat(V), V @ H) < 1e-12
+
+
+def test_batches_beyond_the_merge_threshold_are_weighted_by_size(ground_truth):
+    """At the default knobs, batches of 1024, 1024, 26 and 26 rows reach the curvature as 1024, 1024 and
+    52 rows (the two small ones merged, the large ones not), and each is weighted by its size: the
+    products and the dense matrix equal the explicit float64 Hessian of the mean loss over all 2100
+    rows (an unweighted mean of the three batch Hessians would not)."""
+    from infscale.torch.memory import MERGE_ROWS
+
+    assert MERGE_ROWS == 1024
+    g = torch.Generator().manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(2100, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (2100,), generator=g)
+    x[2048:] *= 3.0  # the last rows' curvature differs from the rest
+    sizes = [1024, 1024, 26, 26]
+    starts = [0, 1024, 2048, 2074]
+    data = [(x[s : s + n], y[s : s + n]) for s, n in zip(starts, sizes)]
+    loss = nn.functional.cross_entropy
+    H = ground_truth.hessian(model, loss, x, y)
+    layout = ParameterLayout(model)
+    op = CurvatureOperator(layout, loss, data, layout.blocks[0], "hessian", identity)
+    assert [b.shape[0] for b, _ in op._batches()] == [1024, 1024, 52]
+    V = torch.randn(5, H.shape[0], generator=g, dtype=torch.float64)
+    assert ground_truth.relerr(op.matmat(V), V @ H) < 1e-12
+    assert ground_truth.relerr(op.dense(), H) < 1e-12
+    unweighted = (
+        sum(
+            ground_truth.hessian(model, loss, x[s : s + n], y[s : s + n])
+            for s, n in [(0, 1024), (1024, 1024), (2048, 52)]
+        )
+        / 3
+    )
+    assert ground_truth.relerr(unweighted, H) > 1e-3  # the check above can tell the two apart

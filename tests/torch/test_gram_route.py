@@ -55,13 +55,14 @@ def inverse_harmonic_mean(G, regularization):
 
 @pytest.mark.parametrize("regularization", [1e-3, {"0": 2e-3, "2": 5e-4}])
 @pytest.mark.parametrize("stored", [True, False])
-@pytest.mark.parametrize("gram_floats", [2**25, 70])  # 70: the fit gradients in chunks of 1 to 3 rows
+# 560 bytes = 70 float64 numbers: the fit gradients in chunks of 1 to 3 rows
+@pytest.mark.parametrize("gram_bytes", [2**28, 560])
 def test_inverse_harmonic_mean_takes_the_gram_route_and_matches_the_explicit_sum(
-    wide, regularization, stored, gram_floats, monkeypatch
+    wide, regularization, stored, gram_bytes, monkeypatch
 ):
-    import infscale.torch.inverse_harmonic_mean as module
+    import infscale.torch.memory as module
 
-    monkeypatch.setattr(module, "_GRAM_FLOATS", gram_floats)
+    monkeypatch.setattr(module, "GRAM_BYTES", gram_bytes)
     x, y, xt, yt = wide["data"]
     kw = {"block_structure": BlockMode.LAYER_WISE} if isinstance(regularization, dict) else {}
     if not stored:
