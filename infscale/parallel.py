@@ -72,17 +72,45 @@ def _block_key(array: da.Array, row_block: int) -> tuple:
     return (array.name, row_block) + (0,) * (array.ndim - 1)
 
 
-def _unpickle(blob: bytes) -> Any:
-    return pickle.loads(blob)
+class _Unpickled:
+    """An object unpickled from ``blob`` on a worker: unpacks like the object (a tuple).
+
+    Pickling it (when the scheduler moves it to another worker) sends ``blob`` again, never the
+    live object, which a task in another thread of the sending worker may be using: a torch
+    model in the middle of a forward pass carries that pass's hooks and reparametrized
+    tensors, and a copy taken then fails on the receiving worker (measured: KeyError on a
+    forward-hook record).
+    """
+
+    __slots__ = ("blob", "value")
+
+    def __init__(self, blob: bytes):
+        self.blob = blob
+        self.value = pickle.loads(blob)
+
+    def __reduce__(self):
+        return (_Unpickled, (self.blob,))
+
+    def __iter__(self):
+        return iter(self.value)
+
+    def __sizeof__(self) -> int:  # what dask counts for memory: about twice the pickled size
+        return 2 * len(self.blob)
+
+
+def _unpickle(blob: bytes) -> _Unpickled:
+    return _Unpickled(blob)
 
 
 def _graph_object(obj: Any, name: str) -> Delayed:
     """``obj`` as one key of a task graph, for every task that needs it to depend on.
 
     The object is pickled once, now (a snapshot), into a bytes key; a second key
-    unpickles it where it is first needed. The scheduler moves it to each worker
-    once, never needs the object's libraries itself, and can rebuild it from the
-    graph if every worker holding it dies (unlike a scattered future).
+    unpickles it where it is first needed (an ``_Unpickled``: tasks unpack it like the
+    object, and moving it to another worker sends the snapshot's bytes, not the live
+    object). The scheduler moves it to each worker once, never needs the object's
+    libraries itself, and can rebuild it from the graph if every worker holding it dies
+    (unlike a scattered future).
     """
     token = uuid.uuid4().hex
     blob = dask.delayed(cloudpickle.dumps(obj), name=f"{name}-pickle-{token}", pure=True, traverse=False)
