@@ -34,6 +34,7 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 from .base import InfluenceFunctionModel, InfluenceMode, numpy_dtype
+from .dask_writer import BLOCK_AXES, dask_to_zarr
 from .errors import (
     InvalidDimensionChunksError,
     NotFittedError,
@@ -44,6 +45,7 @@ from .errors import (
 __all__ = [
     "DaskInfluenceCalculator",
     "DisableClientSingleThreadCheck",
+    "dask_to_zarr",
     "ThreadSafetyViolationError",
     "InvalidDimensionChunksError",
     "UnalignedChunksError",
@@ -482,6 +484,22 @@ class DaskInfluenceCalculator:
         if mode is InfluenceMode.Perturbation:
             chunks = chunks + tuple((d,) for d in x.shape[1:])
         return da.Array(graph, name, chunks, meta=np.empty((0,) * len(chunks), dtype=self.dtype))
+
+    def result_attributes(self, quantity: str, mode: InfluenceMode | str | None = None) -> dict[str, Any]:
+        """The attributes ``SequentialInfluenceCalculator.to_zarr`` stores with a result (quantity,
+        method, hyperparameters, sign convention, version, mode). Give them to ``dask_to_zarr`` so
+        that either calculator can resume the other's store.
+
+        Args:
+            quantity: ``"influences"``, ``"self_influences"`` or ``"influence_factors"``.
+            mode: the influence mode of the result (None for the factors).
+        """
+        from .calculator import SequentialInfluenceCalculator
+
+        if quantity not in BLOCK_AXES:
+            raise ValueError(f"quantity must be one of {tuple(BLOCK_AXES)}; got {quantity!r}.")
+        parsed = None if mode is None else self._parse_mode(mode, "result_attributes")
+        return SequentialInfluenceCalculator(self.model)._attributes(quantity, parsed)
 
     def __repr__(self) -> str:
         client = (
