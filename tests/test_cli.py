@@ -358,12 +358,12 @@ def test_store_errors_and_debug(fixture_dir, tmp_path, capsys):
 
 
 def test_internal_error_exits_1(fixture_dir, tmp_path, capsys, monkeypatch):
-    import infscale.cli as cli
+    import infscale.app.pipeline as pipeline
 
     def boom(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(cli, "compute_into_group", boom)
+    monkeypatch.setattr(pipeline, "compute_into_group", boom)
     assert main(_run_args(tmp_path / "i.zarr")) == 1
     err = capsys.readouterr().err
     assert "internal error: RuntimeError: a bug" in err and "Traceback" not in err
