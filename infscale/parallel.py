@@ -46,6 +46,7 @@ __all__ = [
     "DaskInfluenceCalculator",
     "DisableClientSingleThreadCheck",
     "dask_to_zarr",
+    "check_thread_safety",
     "ThreadSafetyViolationError",
     "InvalidDimensionChunksError",
     "UnalignedChunksError",
@@ -174,6 +175,22 @@ def _self_influences_task(state, mode, dtype, x, y):
     return np.asarray(converter.to_numpy(values), dtype=dtype)
 
 
+def check_thread_safety(model: Any, client: Any) -> None:
+    """Check that ``model`` may run on the workers of ``client`` (a ``distributed.Client``):
+    a model that is not thread-safe (``is_thread_safe`` False) needs one thread per worker.
+    Works on an unfitted model, so a program can check before fitting.
+
+    Raises:
+        ThreadSafetyViolationError: the model is not thread-safe and some worker runs more than
+            one thread (the message lists them).
+    """
+    if getattr(model, "is_thread_safe", False):
+        return
+    multi = {address: int(n) for address, n in client.nthreads().items() if int(n) > 1}
+    if multi:
+        raise ThreadSafetyViolationError(type(model).__name__, multi)
+
+
 # --------------------------------------------------------------- the calculator
 
 
@@ -242,10 +259,7 @@ class DaskInfluenceCalculator:
                     f"itself; got {client!r}."
                 )
             self._check_client_open()
-            if not model.is_thread_safe:
-                multi = {address: int(n) for address, n in client.nthreads().items() if int(n) > 1}
-                if multi:
-                    raise ThreadSafetyViolationError(type(model).__name__, multi)
+            check_thread_safety(model, client)
         self.dtype = numpy_dtype(getattr(model, "dtype", np.float64))
         # (model, converter), pickled now into one key that every task depends on
         self._state = _graph_object((model, converter), f"influence-model-{type(model).__name__}")

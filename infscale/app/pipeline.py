@@ -203,7 +203,8 @@ def run_pipeline(config: RunConfig, log: Callable[[str], None] = print) -> None:
     """``infscale run``: check the configuration, load the factories, build the method, connect
     to (or start) the Dask cluster, create the results group, fit, and compute into it.
 
-    An unreachable scheduler is reported before the store is touched or anything is fitted.
+    An unreachable scheduler, or a multi-threaded worker for a model that is not thread-safe,
+    is reported before the store is touched or anything is fitted.
 
     Raises:
         UserFixableError: anything the user can fix (``UsageError`` for the command's own checks;
@@ -235,6 +236,10 @@ def run_pipeline(config: RunConfig, log: Callable[[str], None] = print) -> None:
     kind, arg = parse_scheduler(config.scheduler)
     cluster = contextlib.nullcontext() if kind == "sync" else dask_client(kind, arg, config.connect_timeout)
     with cluster as client:
+        if client is not None:  # before the store is touched or anything is fitted
+            from ..parallel import check_thread_safety
+
+            check_thread_safety(infl_model, client)
         prepare_group(config.out, config.overwrite, config.resume, attributes)
         log(f"fitting {cls.__name__}({format_params(config.params)}) on {len(train_ds)} training points")
         fit(infl_model, train_ds, config.batch_size)
