@@ -337,16 +337,16 @@ def array_completeness(array) -> tuple[int, int, set[str] | None]:
 
     An array written by infscale has its blocks on its first two axes (``n_test``/``n_train``
     attributes) or its first axis (``n``); only marked blocks count as complete. An array
-    written by other means (none of these attributes) counts as complete, with keys None.
+    written by other means (none of these attributes) counts as complete (its blocks are all
+    its chunks), with keys None.
     """
     import math
 
     attrs = array.attrs
     grid = [math.ceil(s / c) for s, c in zip(array.shape, array.chunks)]
-    ndim = 2 if "n_train" in attrs else 1
-    total = math.prod(grid[:ndim]) if array.shape else 1
     if "infscale_version" not in attrs and "n_test" not in attrs and "n" not in attrs:
-        return total, total, None
+        return math.prod(grid), math.prod(grid), None  # every chunk
+    total = math.prod(grid[: 2 if "n_train" in attrs else 1])
     done = array_completed_blocks(array)
     return len(done), total, done
 
