@@ -206,7 +206,7 @@ def run_demo(
     """Run the demo; see the module docstring. Returns what it found.
 
     Raises:
-        infscale.cli.UsageError: unknown method or bad parameters.
+        infscale.errors.UsageError: unknown method or bad parameters.
     """
     with _torch_threads(1):
         return _run_demo(out, method, params, workers, size, progress, seed, log)
@@ -214,23 +214,19 @@ def run_demo(
 
 def _run_demo(out, method, params, workers, size, progress, seed, log) -> DemoResult:
     import torch
-    import zarr
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import TensorDataset
 
-    from .cli import (
-        INFLUENCES,
-        SELF_INFLUENCES,
-        _fit,
-        compute_into_group,
-        make_influence_model,
-        prepare_group,
-    )
-    from .cli import resolve_method as _resolve
+    import infscale
+
+    from .app.cluster import dask_client
+    from .app.pipeline import ComputeSettings, compute_into_group, fit
+    from .app.registry import make_influence_model, resolve_method
+    from .app.results import SELF_INFLUENCES, open_results, prepare_group
 
     start = time.perf_counter()
     log = log or (lambda message: print(message, flush=True))
     size = SIZES[size] if isinstance(size, str) else size
-    short, cls = _resolve(method)
+    short, cls = resolve_method(method)
     params = _method_params(cls, dict(params or {}))
 
     data = load_data(size, seed)
@@ -255,7 +251,7 @@ def _run_demo(out, method, params, workers, size, progress, seed, log) -> DemoRe
     train_ds = TensorDataset(data.x_train, data.y_train)
     test_ds = TensorDataset(data.x_test, data.y_test)
     t_fit = time.perf_counter()
-    _fit(infl_model, DataLoader(train_ds, batch_size=size.train_batch, shuffle=False))
+    fit(infl_model, train_ds, size.train_batch)
     log(
         f"fitted {cls.__name__}({', '.join(f'{k}={v!r}' for k, v in params.items())}) in "
         f"{time.perf_counter() - t_fit:.1f} s ({infl_model.n_parameters} parameters)."
@@ -263,9 +259,6 @@ def _run_demo(out, method, params, workers, size, progress, seed, log) -> DemoRe
 
     os.makedirs(out, exist_ok=True)
     store = os.path.join(out, "influences.zarr")
-    scheduler = f"local:{workers}" if workers else "sync"
-    import infscale
-
     prepare_group(
         store,
         overwrite=True,
@@ -281,16 +274,18 @@ def _run_demo(out, method, params, workers, size, progress, seed, log) -> DemoRe
             "true_train_labels": data.y_train_true.tolist(),
             "flipped": np.flatnonzero(data.flipped).tolist(),
             "test_labels": y_test.tolist(),
-            "scheduler": scheduler,
+            "scheduler": f"local:{workers}" if workers else "sync",
             "infscale_version": infscale.__version__,
         },
     )
-    compute_into_group(
-        infl_model, train_ds, test_ds, store, batch_size=size.train_batch, test_batch_size=size.test_batch,
-        scheduler=scheduler, self_influences=True, top_k=10, progress=progress, log=log,
+    settings = ComputeSettings(
+        batch_size=size.train_batch, test_batch_size=size.test_batch, self_influences=True, top_k=10,
+        progress=progress,
     )  # fmt: skip
-    group = zarr.open_group(store, mode="r")
-    influences = np.asarray(group[INFLUENCES][:], dtype=np.float64)
+    with dask_client("local", workers) if workers else contextlib.nullcontext() as client:
+        compute_into_group(infl_model, train_ds, test_ds, store, settings, client=client, log=log)
+    group, stored = open_results(store)
+    influences = np.asarray(stored[:], dtype=np.float64)
     self_infl = np.asarray(group[SELF_INFLUENCES][:], dtype=np.float64)
 
     log("")

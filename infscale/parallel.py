@@ -34,6 +34,7 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 from .base import InfluenceFunctionModel, InfluenceMode, numpy_dtype
+from .dask_writer import BLOCK_AXES, dask_to_zarr
 from .errors import (
     InvalidDimensionChunksError,
     NotFittedError,
@@ -44,6 +45,8 @@ from .errors import (
 __all__ = [
     "DaskInfluenceCalculator",
     "DisableClientSingleThreadCheck",
+    "dask_to_zarr",
+    "check_thread_safety",
     "ThreadSafetyViolationError",
     "InvalidDimensionChunksError",
     "UnalignedChunksError",
@@ -72,17 +75,45 @@ def _block_key(array: da.Array, row_block: int) -> tuple:
     return (array.name, row_block) + (0,) * (array.ndim - 1)
 
 
-def _unpickle(blob: bytes) -> Any:
-    return pickle.loads(blob)
+class _Unpickled:
+    """An object unpickled from ``blob`` on a worker: unpacks like the object (a tuple).
+
+    Pickling it (when the scheduler moves it to another worker) sends ``blob`` again, never the
+    live object, which a task in another thread of the sending worker may be using: a torch
+    model in the middle of a forward pass carries that pass's hooks and reparametrized
+    tensors, and a copy taken then fails on the receiving worker (measured: KeyError on a
+    forward-hook record).
+    """
+
+    __slots__ = ("blob", "value")
+
+    def __init__(self, blob: bytes):
+        self.blob = blob
+        self.value = pickle.loads(blob)
+
+    def __reduce__(self):
+        return (_Unpickled, (self.blob,))
+
+    def __iter__(self):
+        return iter(self.value)
+
+    def __sizeof__(self) -> int:  # what dask counts for memory: about twice the pickled size
+        return 2 * len(self.blob)
+
+
+def _unpickle(blob: bytes) -> _Unpickled:
+    return _Unpickled(blob)
 
 
 def _graph_object(obj: Any, name: str) -> Delayed:
     """``obj`` as one key of a task graph, for every task that needs it to depend on.
 
     The object is pickled once, now (a snapshot), into a bytes key; a second key
-    unpickles it where it is first needed. The scheduler moves it to each worker
-    once, never needs the object's libraries itself, and can rebuild it from the
-    graph if every worker holding it dies (unlike a scattered future).
+    unpickles it where it is first needed (an ``_Unpickled``: tasks unpack it like the
+    object, and moving it to another worker sends the snapshot's bytes, not the live
+    object). The scheduler moves it to each worker once, never needs the object's
+    libraries itself, and can rebuild it from the graph if every worker holding it dies
+    (unlike a scattered future).
     """
     token = uuid.uuid4().hex
     blob = dask.delayed(cloudpickle.dumps(obj), name=f"{name}-pickle-{token}", pure=True, traverse=False)
@@ -142,6 +173,22 @@ def _self_influences_task(state, mode, dtype, x, y):
     model, converter = state
     values = model.self_influences(converter.from_numpy(x), converter.from_numpy(y), mode)
     return np.asarray(converter.to_numpy(values), dtype=dtype)
+
+
+def check_thread_safety(model: Any, client: Any) -> None:
+    """Check that ``model`` may run on the workers of ``client`` (a ``distributed.Client``):
+    a model that is not thread-safe (``is_thread_safe`` False) needs one thread per worker.
+    Works on an unfitted model, so a program can check before fitting.
+
+    Raises:
+        ThreadSafetyViolationError: the model is not thread-safe and some worker runs more than
+            one thread (the message lists them).
+    """
+    if getattr(model, "is_thread_safe", False):
+        return
+    multi = {address: int(n) for address, n in client.nthreads().items() if int(n) > 1}
+    if multi:
+        raise ThreadSafetyViolationError(type(model).__name__, multi)
 
 
 # --------------------------------------------------------------- the calculator
@@ -212,10 +259,7 @@ class DaskInfluenceCalculator:
                     f"itself; got {client!r}."
                 )
             self._check_client_open()
-            if not model.is_thread_safe:
-                multi = {address: int(n) for address, n in client.nthreads().items() if int(n) > 1}
-                if multi:
-                    raise ThreadSafetyViolationError(type(model).__name__, multi)
+            check_thread_safety(model, client)
         self.dtype = numpy_dtype(getattr(model, "dtype", np.float64))
         # (model, converter), pickled now into one key that every task depends on
         self._state = _graph_object((model, converter), f"influence-model-{type(model).__name__}")
@@ -454,6 +498,22 @@ class DaskInfluenceCalculator:
         if mode is InfluenceMode.Perturbation:
             chunks = chunks + tuple((d,) for d in x.shape[1:])
         return da.Array(graph, name, chunks, meta=np.empty((0,) * len(chunks), dtype=self.dtype))
+
+    def result_attributes(self, quantity: str, mode: InfluenceMode | str | None = None) -> dict[str, Any]:
+        """The attributes ``SequentialInfluenceCalculator.to_zarr`` stores with a result (quantity,
+        method, hyperparameters, sign convention, version, mode). Give them to ``dask_to_zarr`` so
+        that either calculator can resume the other's store.
+
+        Args:
+            quantity: ``"influences"``, ``"self_influences"`` or ``"influence_factors"``.
+            mode: the influence mode of the result (None for the factors).
+        """
+        from .calculator import SequentialInfluenceCalculator
+
+        if quantity not in BLOCK_AXES:
+            raise ValueError(f"quantity must be one of {tuple(BLOCK_AXES)}; got {quantity!r}.")
+        parsed = None if mode is None else self._parse_mode(mode, "result_attributes")
+        return SequentialInfluenceCalculator(self.model)._attributes(quantity, parsed)
 
     def __repr__(self) -> str:
         client = (

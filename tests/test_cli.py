@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import zarr
 
-from infscale.cli import main, parse_param
+from infscale import errors
+from infscale.cli import main, parse_param, report_error
 
 LAMBDA = 1e-3
 N_TRAIN, N_TEST, BATCH = 40, 20, 8
@@ -108,6 +109,18 @@ FIXTURE = textwrap.dedent(
     def concave_model():
         m, _ = model()
         return m, lambda outputs, targets: -mse(outputs, targets)  # negative definite Hessian
+
+
+    def mse_model():
+        m, _ = model()
+        return m, nn.functional.mse_loss  # EK-FAC recognizes this loss
+
+
+    def dead_feature_data():
+        # feature 2 is always 0: the curvature has an exact zero eigenvalue (rank-deficient)
+        x, y = tensors()
+        x[:, 2] = 0.0
+        return TensorDataset(x[:N_TRAIN], y[:N_TRAIN]), TensorDataset(x[N_TRAIN:], y[N_TRAIN:])
     """
 )
 
@@ -358,12 +371,12 @@ def test_store_errors_and_debug(fixture_dir, tmp_path, capsys):
 
 
 def test_internal_error_exits_1(fixture_dir, tmp_path, capsys, monkeypatch):
-    import infscale.cli as cli
+    import infscale.app.pipeline as pipeline
 
     def boom(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(cli, "compute_into_group", boom)
+    monkeypatch.setattr(pipeline, "compute_into_group", boom)
     assert main(_run_args(tmp_path / "i.zarr")) == 1
     err = capsys.readouterr().err
     assert "internal error: RuntimeError: a bug" in err and "Traceback" not in err
@@ -394,3 +407,139 @@ def test_method_lookup_maps_names_to_classes():
     for short, cls in methods.items():
         assert resolve_method(short) == (short, cls)
         assert resolve_method(cls.__name__.upper()) == (short, cls)
+
+
+# ------------------------------------------------------------------ exit codes by error type
+# Every family of errors a user can fix (infscale.errors.UserFixableError) exits with 2, by its
+# type: one test per family through the command where the command can reach it.
+
+
+def _family_error(capsys, family: str, argv) -> str:
+    line = _error(capsys, argv)
+    assert f"error: {family}: " in line, line
+    return line
+
+
+def test_usage_error_exits_2(fixture_dir, tmp_path, capsys):
+    line = _error(capsys, _run_args(tmp_path / "e.zarr", "--method", "magic"))
+    assert line.startswith("infscale run: error: --method: unknown method 'magic'"), line
+
+
+def test_not_positive_definite_exits_2_for_a_rank_deficient_model(fixture_dir, tmp_path, capsys):
+    """DirectInfluence with λ = 0 where one input feature is always 0: H has an exact zero eigenvalue."""
+    argv = _run_args(
+        tmp_path / "n.zarr", "--param", "hessian_regularization=0", data="cli_fixture:dead_feature_data"
+    )
+    line = _family_error(capsys, "NotPositiveDefiniteError", argv)
+    assert "hessian_regularization" in line
+
+
+def test_ekfac_singular_curvature_exits_2(fixture_dir, tmp_path, capsys):
+    """EK-FAC with λ = 0 on data with a dead input feature: its curvature is singular."""
+    argv = _run_args(
+        tmp_path / "k.zarr", "--method", "ekfac", "--param", "hessian_regularization=0",
+        model="cli_fixture:mse_model", data="cli_fixture:dead_feature_data",
+    )  # fmt: skip
+    line = _family_error(capsys, "NotPositiveDefiniteError", argv)
+    assert "hessian_regularization" in line
+
+
+def test_lissa_divergence_exits_2(fixture_dir, tmp_path, capsys):
+    """scale far below the largest curvature eigenvalue: the LiSSA iterates explode."""
+    argv = _run_args(tmp_path / "l.zarr", "--method", "lissa", "--param", "scale=0.01")
+    _family_error(capsys, "LissaDivergenceError", argv)
+
+
+def test_thread_safety_violation_exits_2_before_writing(fixture_dir, tmp_path, capsys):
+    """A scheduler whose worker runs two threads: the torch methods are not thread-safe."""
+    from distributed import LocalCluster
+
+    out = tmp_path / "t.zarr"
+    with LocalCluster(
+        n_workers=1,
+        threads_per_worker=2,
+        processes=False,
+        protocol="tcp",
+        host="127.0.0.1",
+        dashboard_address=None,
+    ) as cluster:
+        line = _family_error(
+            capsys, "ThreadSafetyViolationError", _run_args(out, "--scheduler", cluster.scheduler_address)
+        )
+    assert "(2 threads)" in line and "--nthreads 1" in line
+    assert not out.exists()  # checked before the store is touched
+
+
+def test_store_exists_and_mismatch_exit_2(fixture_dir, tmp_path, capsys):
+    out = tmp_path / "s.zarr"
+    assert main(_run_args(out)) == 0
+    capsys.readouterr()
+    line = _family_error(capsys, "StoreExistsError", _run_args(out))
+    assert "already exists" in line
+    line = _family_error(
+        capsys, "StoreMismatchError", _run_args(out, "--resume", "--param", "hessian_regularization=0.5")
+    )
+    assert "another configuration" in line and "params" in line
+    # --overwrite replaces only zarr stores: a folder of other files is left alone
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.jpg").write_bytes(b"not zarr")
+    line = _family_error(capsys, "StoreExistsError", _run_args(other, "--overwrite"))
+    assert "not a zarr store" in line and (other / "cat.jpg").exists()
+
+
+def test_unsupported_influence_mode_exits_2(fixture_dir, tmp_path, capsys):
+    """argparse limits --mode to its choices; a TOML file can still name another one."""
+    config = tmp_path / "run.toml"
+    config.write_text('mode = "sideways"\n')
+    line = _family_error(
+        capsys,
+        "UnsupportedInfluenceModeError",
+        ["run", "--config", str(config), *_run_args(tmp_path / "m.zarr")[1:]],
+    )
+    assert "'sideways'" in line and "'up', 'perturbation'" in line
+
+
+def _instances() -> dict[type, BaseException]:
+    return {
+        errors.UsageError: errors.UsageError("--flag: bad"),
+        errors.NotFittedError: errors.NotFittedError(int, "influences"),
+        errors.UnsupportedInfluenceModeError: errors.UnsupportedInfluenceModeError("sideways"),
+        errors.NotPositiveDefiniteError: errors.NotPositiveDefiniteError("use hessian_regularization ≥ 1"),
+        errors.LissaDivergenceError: errors.LissaDivergenceError("raise scale"),
+        errors.ThreadSafetyViolationError: errors.ThreadSafetyViolationError("M", {"tcp://w": 2}),
+        errors.InvalidDimensionChunksError: errors.InvalidDimensionChunksError("x", ((2,), (1, 1))),
+        errors.UnalignedChunksError: errors.UnalignedChunksError("x", (2,), "y", (1, 1)),
+        errors.StoreExistsError: errors.StoreExistsError("exists"),
+        errors.StoreMismatchError: errors.StoreMismatchError("mismatch"),
+        errors.NonFiniteError: errors.NonFiniteError("x_test rows [3] hold NaN"),
+    }
+
+
+def test_every_user_fixable_family_maps_to_2_by_type(capsys):
+    """NotFittedError (the command always fits first) and the chunk errors (the command makes the
+    chunks) cannot be reached through the command: their mapping is checked here, with all others."""
+    instances = _instances()
+    families = {
+        c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.UserFixableError)
+    }
+    assert set(instances) == families - {errors.UserFixableError}  # a new family needs a case here
+    for cls, error in instances.items():
+        assert report_error("run", error) == 2, cls
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert ("internal error" not in err) and (
+            cls is errors.UsageError or f"error: {cls.__name__}: " in err
+        )
+
+
+def test_mapping_is_by_type_not_by_message(capsys):
+    """A plain ValueError that mentions hessian_regularization is an internal error (exit 1)."""
+    assert report_error("run", ValueError("hessian_regularization is not positive definite")) == 1
+    assert "internal error: ValueError" in capsys.readouterr().err
+
+    class Mine(errors.UserFixableError):
+        pass
+
+    assert report_error("run", Mine("fix this")) == 2  # a subclass defined anywhere
+    assert "error: Mine: fix this" in capsys.readouterr().err

@@ -406,3 +406,23 @@ def test_thread_safety_check_and_closed_client(problem):
         calc.influences(xt, yt)
     with pytest.raises(ValueError, match="client is closed"):
         DaskInfluenceCalculator(p["infl"], TorchNumpyConverter(), client)
+
+
+def test_moving_the_model_between_workers_sends_the_snapshot_not_the_live_object(problem):
+    """A worker ships the unpickled model to another by pickling it, possibly while a task in another
+    thread is inside a forward pass. The copy must not carry that pass's state (here: a forward hook,
+    as the gradient engine registers): it is rebuilt from the snapshot's bytes."""
+    from infscale.parallel import _graph_object
+
+    p = problem
+    state = _graph_object((p["infl"], TorchNumpyConverter()), "model").compute(scheduler="synchronous")
+    live, _ = state
+    records: dict[int, list] = {}
+    handle = live.model[0].register_forward_hook(lambda module, inputs, output: records[id(module)].append(1))
+    try:
+        copy, _ = cloudpickle.loads(cloudpickle.dumps(state))  # a worker sends it while the hook is on
+    finally:
+        handle.remove()
+    assert copy is not live and not copy.model[0]._forward_hooks
+    x, y = p["x_te"][:3], p["y_te"][:3]
+    torch.testing.assert_close(copy.self_influences(x, y), live.self_influences(x, y), rtol=0, atol=0)

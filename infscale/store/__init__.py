@@ -9,12 +9,24 @@ Layout of an array written by infscale (a zarr v3 array at the root of its store
 
 - ``opening``: paths, URLs, zarr Store objects and fsspec mappers → a zarr store;
 - ``markers``: which blocks are done, checksums, input digests, verification;
-- ``writer``: creating, replacing (safely) and resuming arrays block by block.
+- ``writer``: creating, replacing (safely) and resuming arrays block by block;
+- ``groups``: the results group of the command (several arrays) and what of it is done.
 
 Framework-free: blocks arrive as numpy arrays through a converter.
 """
 
 from ..errors import StoreExistsError, StoreMismatchError
+from .groups import (
+    array_completed_blocks,
+    array_completeness,
+    attribute_differences,
+    clear_store,
+    create_group,
+    holds_zarr,
+    open_group,
+    open_node,
+    write_group_array,
+)
 from .markers import (
     COMPLETE_PREFIX,
     VerifyReport,
@@ -42,4 +54,13 @@ __all__ = [
     "_offsets",
     "_regular_chunk",
     "_write_blocks",
+    "holds_zarr",
+    "clear_store",
+    "create_group",
+    "open_group",
+    "open_node",
+    "write_group_array",
+    "array_completed_blocks",
+    "array_completeness",
+    "attribute_differences",
 ]

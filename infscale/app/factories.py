@@ -1,0 +1,127 @@
+"""The user's factories: ``--model pkg.mod:function`` → (model, loss) and
+``--data pkg.mod:function`` → (train_dataset, test_dataset).
+
+Factories are imported, never unpickled from disk; the current directory is importable.
+Everything wrong with them (not importable, not callable, raising, returning the wrong
+types) is a ``UsageError`` naming the flag, what was given and what was expected.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import UsageError
+
+__all__ = ["load_factory", "load_model", "load_data"]
+
+
+def load_factory(spec: str, flag: str) -> Callable:
+    """Import ``package.module:function`` (the current directory is importable); ``function``
+    may be a dotted attribute path (``module:Class.method``).
+
+    Raises:
+        UsageError: malformed spec, module not importable, no such attribute, not callable.
+    """
+    if not isinstance(spec, str) or spec.count(":") != 1:
+        raise UsageError(f"{flag}: expected package.module:function; got {spec!r}.")
+    module_name, attr = (s.strip() for s in spec.split(":"))
+    if not module_name or not attr:
+        raise UsageError(f"{flag}: expected package.module:function; got {spec!r}.")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # the user's module: any failure on import is theirs to fix
+        raise UsageError(
+            f"{flag}: cannot import module {module_name!r} ({type(error).__name__}: {error})."
+        ) from error
+    target: Any = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise UsageError(f"{flag}: module {module_name!r} has no attribute {attr!r}.")
+        target = getattr(target, part)
+    if not callable(target):
+        raise UsageError(f"{flag}: {spec!r} is not callable (it is a {type(target).__name__}).")
+    return target
+
+
+def _call_factory(spec: str, flag: str) -> Any:
+    factory = load_factory(spec, flag)
+    try:
+        return factory()
+    except Exception as error:
+        raise UsageError(f"{flag}: {spec}() raised {type(error).__name__}: {error}") from error
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, tuple):
+        return f"a tuple of {len(value)} ({', '.join(type(v).__name__ for v in value)})"
+    return f"a {type(value).__name__}"
+
+
+def load_model(spec: str):
+    """Call the ``--model`` factory: it must return ``(torch.nn.Module, loss callable)``.
+
+    Raises:
+        UsageError: see ``load_factory``; the factory raised; anything but that pair.
+    """
+    from torch import nn
+
+    result = _call_factory(spec, "--model")
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise UsageError(f"--model: {spec}() must return a tuple (model, loss); got {_describe(result)}.")
+    model, loss = result
+    if not isinstance(model, nn.Module):
+        raise UsageError(
+            f"--model: {spec}() returned a model of type {type(model).__name__}, not a torch.nn.Module."
+        )
+    if not callable(loss):
+        raise UsageError(
+            f"--model: {spec}() returned a loss of type {type(loss).__name__}, which is not callable."
+        )
+    return model, loss
+
+
+def load_data(spec: str):
+    """Call the ``--data`` factory: it must return ``(train_dataset, test_dataset)``, non-empty
+    torch ``Dataset``s with a length whose items are ``(x, y)`` with inputs of one shape.
+
+    Raises:
+        UsageError: see ``load_factory``; the factory raised; anything else returned.
+    """
+    from torch.utils.data import Dataset
+
+    result = _call_factory(spec, "--data")
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise UsageError(
+            f"--data: {spec}() must return a tuple (train_dataset, test_dataset); got {_describe(result)}."
+        )
+    for name, ds in zip(("train_dataset", "test_dataset"), result):
+        if not isinstance(ds, Dataset) or not hasattr(ds, "__len__"):
+            raise UsageError(
+                f"--data: {spec}() returned a {name} of type {type(ds).__name__}; expected a "
+                "torch.utils.data.Dataset with __len__ (e.g. TensorDataset)."
+            )
+        if len(ds) == 0:
+            raise UsageError(f"--data: {spec}() returned an empty {name}.")
+    shapes = []
+    for name, ds in zip(("train_dataset", "test_dataset"), result):
+        try:
+            item = ds[0]
+        except Exception as error:
+            raise UsageError(f"--data: {name}[0] raised {type(error).__name__}: {error}") from error
+        if not isinstance(item, (tuple, list)) or len(item) < 2 or not hasattr(item[0], "shape"):
+            raise UsageError(
+                f"--data: the items of {name} must be (x, y) pairs of tensors; item 0 is {_describe(item)}."
+            )
+        shapes.append(tuple(item[0].shape))
+    if shapes[0] != shapes[1]:
+        raise UsageError(
+            f"--data: training inputs have shape {shapes[0]} but test inputs {shapes[1]}; they must match."
+        )
+    return result

@@ -1,0 +1,171 @@
+"""infscale.app.results: the results group (create, resume, overwrite), reading it back,
+completeness from the block markers, and the top-k against a sort of the matrix."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import zarr
+
+from infscale.app.results import (
+    INFLUENCES,
+    SELF_INFLUENCES,
+    TOP_ARRAYS,
+    array_url,
+    completeness,
+    missing_row_blocks,
+    open_results,
+    prepare_group,
+    write_top_k,
+)
+from infscale.errors import StoreExistsError, StoreMismatchError, UsageError
+from infscale.sequences import NestedLazyChunkSequence
+
+CONFIG = {
+    "method": "DirectInfluence",
+    "params": {"hessian_regularization": 0.1},
+    "batch_size": 4,
+    "scheduler": "sync",
+}
+
+
+class _Identity:
+    @staticmethod
+    def to_numpy(block):
+        return np.asarray(block)
+
+
+def _matrix(n_test=7, n_train=10, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n_test, n_train))
+
+
+def _write(url, matrix, bt=3, br=4):
+    """The matrix into url/influences in blocks (bt, br), with markers (as the calculators write it)."""
+
+    def rows():
+        for r in range(0, matrix.shape[0], bt):
+            yield (matrix[r : r + bt, c : c + br] for c in range(0, matrix.shape[1], br))
+
+    NestedLazyChunkSequence(rows).to_zarr(array_url(url, INFLUENCES), _Identity(), progress=False)
+
+
+def test_prepare_group_creates_refuses_resumes_and_overwrites(tmp_path):
+    url = str(tmp_path / "out.zarr")
+    prepare_group(url, overwrite=False, resume=False, attributes=CONFIG)
+    assert dict(zarr.open_group(url, mode="r").attrs) == CONFIG
+    _write(url, _matrix())
+
+    with pytest.raises(StoreExistsError, match="already exists; pass --overwrite to replace it or --resume"):
+        prepare_group(url, overwrite=False, resume=False, attributes=CONFIG)
+    with pytest.raises(UsageError, match="--overwrite and --resume exclude each other"):
+        prepare_group(url, overwrite=True, resume=True, attributes=CONFIG)
+
+    # resume: keys other than RESUME_FREE must match; the free ones are updated
+    group = prepare_group(url, overwrite=False, resume=True, attributes={**CONFIG, "scheduler": "local:2"})
+    assert group.attrs["scheduler"] == "local:2" and INFLUENCES in group
+    changed = {**CONFIG, "batch_size": 8, "params": {"hessian_regularization": 0.2}}
+    with pytest.raises(StoreMismatchError) as info:
+        prepare_group(url, overwrite=False, resume=True, attributes=changed)
+    message = str(info.value)
+    assert (
+        "another configuration" in message
+        and "batch_size: stored 4, now 8" in message
+        and "params" in message
+    )
+    assert "scheduler" not in message
+
+    # overwrite: a new, empty group with the new attributes
+    group = prepare_group(url, overwrite=True, resume=False, attributes=changed)
+    assert INFLUENCES not in group and zarr.open_group(url, mode="r").attrs["batch_size"] == 8
+
+
+def test_prepare_group_never_deletes_what_is_not_zarr(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "cat.jpg").write_bytes(b"\xff\xd8")
+    with pytest.raises(
+        StoreExistsError, match="holds data that is not a zarr store; --overwrite only replaces"
+    ):
+        prepare_group(str(folder), overwrite=True, resume=False, attributes=CONFIG)
+    assert (folder / "cat.jpg").read_bytes() == b"\xff\xd8"
+    with pytest.raises(StoreMismatchError, match="holds data that is not an infscale store"):
+        prepare_group(str(folder), overwrite=False, resume=True, attributes=CONFIG)
+    with pytest.raises(UsageError, match="is a file, not a directory"):
+        prepare_group(str(folder / "cat.jpg"), overwrite=True, resume=False, attributes=CONFIG)
+
+
+def test_resume_on_an_empty_place_creates_the_group(tmp_path):
+    group = prepare_group(str(tmp_path / "new.zarr"), overwrite=False, resume=True, attributes=CONFIG)
+    assert dict(group.attrs) == CONFIG
+
+
+def test_open_results(tmp_path):
+    url = str(tmp_path / "out.zarr")
+    with pytest.raises(UsageError, match="no zarr store at"):
+        open_results(url)
+    prepare_group(url, overwrite=False, resume=False, attributes=CONFIG)
+    with pytest.raises(UsageError, match="is a zarr group without an 'influences' array"):
+        open_results(url)
+    matrix = _matrix()
+    _write(url, matrix)
+    group, array = open_results(url)
+    assert group.attrs["method"] == "DirectInfluence"
+    np.testing.assert_array_equal(array[:], matrix)
+    # a bare array written by to_zarr at the root of its store
+    bare, array = open_results(array_url(url, INFLUENCES))
+    assert bare is None and array.shape == matrix.shape
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("hello")
+    with pytest.raises(UsageError, match="is not a zarr store"):
+        open_results(str(other))
+
+
+def test_completeness_from_markers_and_missing_row_blocks(tmp_path):
+    url = str(tmp_path / "out.zarr")
+    prepare_group(url, overwrite=False, resume=False, attributes=CONFIG)
+    _write(url, _matrix())  # 7 × 10 in blocks 3 × 4: a 3 × 3 grid
+    _, array = open_results(url)
+    done, total, keys = completeness(array)
+    assert (done, total) == (9, 9) and keys == {f"{i}.{j}" for i in range(3) for j in range(3)}
+    (tmp_path / "out.zarr" / INFLUENCES / "_infscale_complete" / "1.2").unlink()
+    done, total, keys = completeness(array)
+    assert (done, total) == (8, 9) and "1.2" not in keys
+    assert [missing_row_blocks(array, row, keys) for row in (0, 2, 3, 5, 6)] == [[], [], [2], [2], []]
+    assert missing_row_blocks(array, 3, None) == []
+
+
+def test_arrays_written_by_others_count_as_complete(tmp_path):
+    z = zarr.create_array(str(tmp_path / "plain.zarr"), shape=(5, 6), chunks=(2, 2), dtype="f8")
+    assert completeness(z) == (9, 9, None)
+
+
+def test_write_top_k_matches_a_sort_of_the_matrix(tmp_path):
+    url = str(tmp_path / "out.zarr")
+    prepare_group(url, overwrite=False, resume=False, attributes=CONFIG)
+    matrix = _matrix()
+    _write(url, matrix)
+    write_top_k(url, 3, progress=False)
+    group = zarr.open_group(url, mode="r")
+    order = np.argsort(-matrix, axis=1, kind="stable")
+    np.testing.assert_array_equal(group["top_helpful_indices"][:], order[:, :3])
+    np.testing.assert_array_equal(group["top_harmful_indices"][:], order[:, ::-1][:, :3])
+    np.testing.assert_array_equal(group["top_helpful_values"][:], np.take_along_axis(matrix, order[:, :3], 1))
+    np.testing.assert_array_equal(group["top_harmful_values"][:], np.sort(matrix, axis=1)[:, :3])
+    assert group["top_helpful_indices"].dtype == np.int64 and group.attrs["top_k"] == 3
+    assert all(name in group for name in TOP_ARRAYS) and SELF_INFLUENCES not in group
+    write_top_k(url, 50, progress=False)  # k is at most n_train
+    assert zarr.open_group(url, mode="r")["top_helpful_indices"].shape == (7, 10)
+
+
+def test_write_top_k_refuses_an_incomplete_store_and_bad_k(tmp_path):
+    url = str(tmp_path / "out.zarr")
+    prepare_group(url, overwrite=False, resume=False, attributes=CONFIG)
+    _write(url, _matrix())
+    with pytest.raises(UsageError, match="expected an integer ≥ 1; got 0"):
+        write_top_k(url, 0, progress=False)
+    shutil.rmtree(tmp_path / "out.zarr" / INFLUENCES / "_infscale_complete")
+    with pytest.raises(UsageError, match=r"is incomplete \(0 of 9 blocks\); rerun with --resume"):
+        write_top_k(url, 2, progress=False)
