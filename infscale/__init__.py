@@ -33,11 +33,13 @@ from .errors import (
 _LAZY = {
     "DaskInfluenceCalculator": "infscale.parallel",
     "DisableClientSingleThreadCheck": "infscale.parallel",
+    "dask_to_zarr": "infscale.parallel",
 }
 
 __all__ = [
     "DaskInfluenceCalculator",
     "DisableClientSingleThreadCheck",
+    "dask_to_zarr",
     "InvalidDimensionChunksError",
     "ThreadSafetyViolationError",
     "UnalignedChunksError",
