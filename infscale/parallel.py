@@ -231,14 +231,6 @@ class DaskInfluenceCalculator:
                 "influence_function_model must be an infscale InfluenceFunctionModel (e.g. CgInfluence); "
                 f"got {type(model).__name__}."
             )
-        if not model.is_fitted:
-            raise NotFittedError(
-                type(model),
-                "__init__",
-                f"DaskInfluenceCalculator needs a fitted influence_function_model; this "
-                f"{type(model).__name__} is not fitted: call "
-                f"{type(model).__name__}.fit(train_dataloader) first.",
-            )
         for method in ("to_numpy", "from_numpy"):
             if not callable(getattr(converter, method, None)):
                 raise TypeError(
@@ -260,6 +252,15 @@ class DaskInfluenceCalculator:
                 )
             self._check_client_open()
             check_thread_safety(model, client)
+        # after the workers' threads: the client is checked as documented whatever the model's state
+        if not model.is_fitted:
+            raise NotFittedError(
+                type(model),
+                "__init__",
+                f"DaskInfluenceCalculator needs a fitted influence_function_model; this "
+                f"{type(model).__name__} is not fitted: call "
+                f"{type(model).__name__}.fit(train_dataloader) first.",
+            )
         self.dtype = numpy_dtype(getattr(model, "dtype", np.float64))
         # (model, converter), pickled now into one key that every task depends on
         self._state = _graph_object((model, converter), f"influence-model-{type(model).__name__}")

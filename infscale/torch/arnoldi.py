@@ -15,6 +15,7 @@ from .base import TorchInfluenceFunctionModel
 from .factored import FactoredGradients
 from .layout import BlockMode, LossFunction, SecondOrderMode, _Block
 from .linalg import not_positive_definite
+from .nystroem import woodbury_influences, woodbury_self_influences, woodbury_solve
 
 __all__ = ["ArnoldiInfluence", "lanczos_eigenpairs", "LanczosResult"]
 
@@ -146,6 +147,17 @@ class ArnoldiInfluence(TorchInfluenceFunctionModel):
     and influences go through projections G V (n × rank): training gradients
     are projected chunk by chunk, so ``train_representation`` is (n, Σ rank_b).
 
+    With ``use_woodbury=True`` (pyDVL 0.10's keyword) the same eigenpairs are
+    inverted with the Woodbury identity instead, as ``NystroemSketchInfluence``
+    does with its sketch:
+
+        (V diag(σ) Vᵀ + λI)⁻¹ = V diag(1 / (σ + λ)) Vᵀ + (I − VVᵀ) / λ,
+
+    i.e. the inverse of the low-rank approximation plus λI: directions outside
+    the span are kept, scaled by 1/λ. This needs λ > 0 in every block; queries
+    then take the per-sample training gradients (``train_representation`` is
+    (n, p), or factored), not their projections.
+
     Args:
         model, loss, hessian_regularization, block_structure, second_order_mode,
             gradient_chunk_size: see ``TorchInfluenceFunctionModel``.
@@ -156,9 +168,16 @@ class ArnoldiInfluence(TorchInfluenceFunctionModel):
         max_iter: most block products (passes over the data) per block.
         block_size: Lanczos vectors per product (default: rank).
         seed: seed of the random start.
+        use_woodbury: invert V diag(σ) Vᵀ + λI (Woodbury) instead of truncating
+            to the span of V (see above). Recorded in ``hyperparameters()``.
+
+    Also takes pyDVL 0.10's ``regularization=`` (for hessian_regularization)
+    and ``eigen_computation_on_gpu=`` (no effect: Lanczos runs in torch on the
+    model's device); see ``settings.PYDVL_KEYWORDS``.
 
     Raises:
-        ValueError: rank < 1, krylov_dimension < rank, tol ≤ 0, max_iter < 1.
+        ValueError: rank < 1, krylov_dimension < rank, tol ≤ 0, max_iter < 1,
+            use_woodbury with λ ≤ 0 in some block.
         NotPositiveDefiniteError (at fit / with_regularization): some σ + λ ≤ 0,
             i.e. the Hessian has a negative eigenvalue among the top ones;
             use SecondOrderMode.GAUSS_NEWTON or a larger λ.
@@ -175,6 +194,7 @@ class ArnoldiInfluence(TorchInfluenceFunctionModel):
         "max_iter",
         "block_size",
         "seed",
+        "use_woodbury",
     )
     # training gradients are projected onto the eigenvectors (``_train_gradients``)
     _train_gradients_are_gradients = False
@@ -193,6 +213,7 @@ class ArnoldiInfluence(TorchInfluenceFunctionModel):
         gradient_chunk_size: int | None = None,
         block_size: int | None = None,
         seed: int = 0,
+        use_woodbury: bool = False,
     ):
         super().__init__(
             model, loss, hessian_regularization, block_structure, second_order_mode, gradient_chunk_size
@@ -209,6 +230,12 @@ class ArnoldiInfluence(TorchInfluenceFunctionModel):
             raise ValueError(f"max_iter must be ≥ 1 or None; got {max_iter}.")
         if block_size is not None and block_size < 1:
             raise ValueError(f"block_size must be ≥ 1 or None; got {block_size}.")
+        if not isinstance(use_woodbury, bool):
+            raise TypeError(f"use_woodbury must be True or False; got {use_woodbury!r}.")
+        self.use_woodbury = use_woodbury
+        # the Woodbury form needs the per-sample gradients, not their projections
+        self._train_gradients_are_gradients = use_woodbury
+        self._check_woodbury(self.regularization)
         self.rank = rank
         self.krylov_dimension = krylov_dimension
         self.tol = tol
@@ -265,7 +292,23 @@ class ArnoldiInfluence(TorchInfluenceFunctionModel):
                     "or second_order_mode=SecondOrderMode.GAUSS_NEWTON (positive semi-definite)",
                 )
 
+    def _check_woodbury(self, regularization: Mapping[str, float]) -> None:
+        bad = {k: v for k, v in regularization.items() if not v > 0}
+        if self.use_woodbury and bad:
+            raise ValueError(
+                "ArnoldiInfluence(use_woodbury=True) needs hessian_regularization > 0 in every block "
+                f"(the Woodbury inverse scales the complement of the eigenvectors by 1/λ); got {bad}. "
+                "Give λ > 0, or use_woodbury=False for the inverse on the span of the eigenvectors."
+            )
+
     def _solve_block(self, block: _Block, rhs: Tensor) -> Tensor:
+        if self.use_woodbury:
+            return woodbury_solve(
+                self.eigenvectors[block.name],
+                self.eigenvalues[block.name],
+                self.regularization[block.name],
+                rhs,
+            )
         V = self.eigenvectors[block.name]
         scale = 1.0 / (self.eigenvalues[block.name] + self.regularization[block.name])
         return ((rhs @ V) * scale) @ V.T
@@ -274,7 +317,9 @@ class ArnoldiInfluence(TorchInfluenceFunctionModel):
     def _project(self, vectors: Tensor) -> Tensor:
         return torch.cat([vectors[:, b.slice] @ self.eigenvectors[b.name] for b in self.layout.blocks], dim=1)
 
-    def _train_gradients(self, x: Tensor, y: Tensor) -> Tensor:
+    def _train_gradients(self, x: Tensor, y: Tensor) -> Tensor | FactoredGradients:
+        if self.use_woodbury:  # per-sample gradients, factored where the model allows
+            return super()._train_gradients(x, y)
         chunk = self._chunk()
         basis = self._block_rows(self.eigenvectors)
         parts = []
@@ -289,17 +334,29 @@ class ArnoldiInfluence(TorchInfluenceFunctionModel):
         return torch.cat(parts)
 
     def _influences(self, x_test, y_test, x, y, mode, symmetric) -> Tensor:
+        if self.use_woodbury and mode is InfluenceMode.Up:
+            return woodbury_influences(self, x_test, y_test, x, y, symmetric)
+        if self.use_woodbury:
+            return super()._influences(x_test, y_test, x, y, mode, symmetric)
         if symmetric and mode is InfluenceMode.Up:  # project the test gradients once, reuse them
             gradients = self._gradients(x_test, y_test)
             return self._from_gradients(self._solve(gradients), self._project(gradients))
         return super()._influences(x_test, y_test, x, y, mode, symmetric)
 
-    def _from_gradients(self, factors: Tensor, train_gradients: Tensor) -> Tensor:
+    def _from_gradients(self, factors: Tensor, train_gradients: Tensor | FactoredGradients) -> Tensor:
+        if self.use_woodbury:  # factors leave the span: the full products with the gradients
+            return super()._from_gradients(factors, train_gradients)
         # factors lie in the span of the eigenvectors, so factors · g = (factors V)(Vᵀ g)
         return self._project(factors) @ train_gradients.T
+
+    def _self_influences_up(self, x: Tensor, y: Tensor) -> Tensor:
+        if self.use_woodbury:
+            return woodbury_self_influences(self, x, y, super()._self_influences_up)
+        return super()._self_influences_up(x, y)
 
     def with_regularization(self, hessian_regularization) -> ArnoldiInfluence:
         """A copy with another λ that reuses the eigenpairs (no pass over the data)."""
         new = self._copy_with_regularization(hessian_regularization)
+        new._check_woodbury(new.regularization)
         new._check_definite(new.regularization)
         return new

@@ -32,6 +32,19 @@ def _read_rows(dataset: Any, start: int, stop: int, dtypes: tuple[np.dtype, ...]
     return tuple(out)
 
 
+def _count_rows(dataset: Any) -> int:
+    """The number of rows of a dataset without ``len()``: the first i for which ``dataset[i]``
+    raises IndexError (the end of a map-style dataset; StopIteration is taken the same way).
+    Reads every sample once."""
+    n = 0
+    while True:
+        try:
+            dataset[n]
+        except (IndexError, StopIteration):
+            return n
+        n += 1
+
+
 def torch_dataset_to_dask_array(
     dataset: Any,
     chunk_size: int,
@@ -51,8 +64,10 @@ def torch_dataset_to_dask_array(
         dataset: anything with ``dataset[i]`` → a tensor or a tuple of tensors (or
             numbers); a ``torch.utils.data.Dataset``.
         chunk_size: rows per chunk (the last chunk may be shorter).
-        total_size: use only the first ``total_size`` rows; required when the
-            dataset has no ``len()``.
+        total_size: use only the first ``total_size`` rows. Default: the dataset's
+            ``len()``; for a dataset without one, the number of rows found by reading
+            ``dataset[0]``, ``dataset[1]``, ... until IndexError (or StopIteration), which
+            reads every sample once, now, on this machine: give total_size to avoid it.
         resulting_dtype: dtype of the floating-point tensors; integer and boolean
             tensors (e.g. class labels) keep their own dtype.
 
@@ -61,8 +76,8 @@ def torch_dataset_to_dask_array(
         (n, *component_shape).
 
     Raises:
-        ValueError: chunk_size < 1, total_size < 1 or beyond the dataset's length.
-        TypeError: the dataset has no ``len()`` and total_size is None.
+        ValueError: chunk_size < 1, total_size < 1 or beyond the dataset's length, or
+            an empty dataset.
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}.")
@@ -71,11 +86,9 @@ def torch_dataset_to_dask_array(
     except TypeError:
         length = None
     if total_size is None:
-        if length is None:
-            raise TypeError(
-                f"dataset ({type(dataset).__name__}) has no len(); pass total_size=<number of rows>."
-            )
-        total_size = length
+        total_size = length if length is not None else _count_rows(dataset)
+        if total_size < 1:
+            raise ValueError(f"dataset ({type(dataset).__name__}) is empty: it has no sample 0.")
     if total_size < 1 or (length is not None and total_size > length):
         raise ValueError(
             f"total_size must be between 1 and the dataset's length ({length}); got {total_size}."

@@ -94,16 +94,22 @@ def find_layers(model: nn.Module) -> tuple[list[_Layer], list[tuple[str, nn.Modu
             bias = own.get("bias")
             if weight is None or not weight.requires_grad:
                 reason = "its weight is frozen but its bias is trainable; freeze both or neither"
+            elif isinstance(module, nn.Linear) and weight.ndim != 2:
+                reason = f"its weight has shape {tuple(weight.shape)}; EK-FAC needs a 2-d (out, in) weight"
             elif isinstance(module, nn.Conv2d) and module.groups != 1:
                 reason = f"groups={module.groups}; only Conv2d with groups=1 is supported"
         else:
-            reason = "only torch.nn.Linear and torch.nn.Conv2d (groups=1) are supported"
+            reason = (
+                f"EK-FAC has no Kronecker factors for torch.nn.{type(module).__name__}; the supported "
+                "layers are torch.nn.Linear and torch.nn.Conv2d (groups=1)"
+            )
         if reason is not None:
             unsupported.append((path, module, names, reason))
             continue
         has_bias = bias is not None and bias.requires_grad
         if isinstance(module, nn.Linear):
-            kind, d_out, d_in = "linear", module.out_features, module.in_features
+            # the weight's shape (out, in) is what F.linear runs with, whatever in/out_features say
+            kind, (d_out, d_in) = "linear", own["weight"].shape
         else:
             kind = "conv2d"
             d_out = module.out_channels
@@ -214,7 +220,7 @@ class LayerCapture:
         n = a.shape[0]
         m = layer.module
         if layer.kind == "linear":
-            a = a.reshape(n, -1, m.in_features)
+            a = a.reshape(n, -1, m.weight.shape[1])
         else:
             if m.padding_mode != "zeros" or isinstance(m.padding, str):
                 mode = "constant" if m.padding_mode == "zeros" else m.padding_mode

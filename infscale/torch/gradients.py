@@ -125,8 +125,13 @@ class GradientEngine:
             shared = any(counts.get(id(p), 0) > 1 for p in (m.weight, m.bias) if p is not None)
             if shared or (w is None and b is None):
                 continue
+            if m.weight.ndim != 2:  # F.linear also takes a 1-d weight: left to vmap
+                continue
             index = {n: offsets[n] for n in (w, b) if n is not None}
-            layers.append(_LinearLayer(m, w, b, index.get(w), index.get(b), m.in_features, m.out_features))
+            # the shapes F.linear runs with are the weight's (out, in); in_features/out_features
+            # are only what the module was built with (a replaced weight may disagree)
+            out_features, in_features = m.weight.shape
+            layers.append(_LinearLayer(m, w, b, index.get(w), index.get(b), in_features, out_features))
         return layers
 
     def _batched_allowed(self) -> bool:

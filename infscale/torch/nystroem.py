@@ -4,7 +4,7 @@ inverted with the Woodbury identity."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -14,7 +14,67 @@ from .base import TorchInfluenceFunctionModel
 from .layout import BlockMode, LossFunction, SecondOrderMode, _Block
 from .preconditioner import nystroem_sketch
 
-__all__ = ["NystroemSketchInfluence"]
+__all__ = ["NystroemSketchInfluence", "woodbury_solve", "woodbury_influences", "woodbury_self_influences"]
+
+
+# ---------------------------------------------------------------- the Woodbury form of a low-rank model
+# For a model that keeps ``eigenvalues`` σ (r_b,) and orthonormal ``eigenvectors`` U (p_b, r_b) of
+# each block and λ > 0 in every block (NystroemSketchInfluence; ArnoldiInfluence(use_woodbury=True)):
+#     (U diag(σ) Uᵀ + λI)⁻¹ = U diag(1 / (σ + λ)) Uᵀ + (I − UUᵀ) / λ
+#                           = (1/λ) (I − U diag(σ / (σ + λ)) Uᵀ).
+
+
+def woodbury_solve(U: Tensor, sigma: Tensor, lam: float, rhs: Tensor) -> Tensor:
+    """(U diag(σ) Uᵀ + λI)⁻¹ applied to each row of rhs (k, p_b); U (p_b, r) orthonormal, λ > 0."""
+    proj = rhs @ U
+    return (rhs - proj @ U.T) / lam + (proj / (sigma + lam)) @ U.T
+
+
+def _woodbury_scale(model: TorchInfluenceFunctionModel) -> Tensor:
+    """1/(σ + λ) − 1/λ of every block's low-rank directions, blocks in order: (Σ r_b,)."""
+    lam = model.regularization
+    return torch.cat(
+        [1.0 / (model.eigenvalues[b.name] + lam[b.name]) - 1.0 / lam[b.name] for b in model.layout.blocks]
+    )
+
+
+def woodbury_influences(model: TorchInfluenceFunctionModel, x_test, y_test, x, y, symmetric: bool) -> Tensor:
+    """Up-mode influences through the low-rank structure, per block (P = Uᵀ g, d = 1/(σ+λ) − 1/λ)::
+
+        g_testᵀ (UΣUᵀ + λI)⁻¹ g = (g_test · g) / λ + P_testᵀ diag(d) P
+
+    The inner products g_test · g come from the factored gradients of nn.Linear layers
+    (``GradientEngine.gram``) where that is cheaper than p numbers per pair; the projections P
+    need products with the r vectors only. Same numbers as the factors (H + λI)⁻¹ g_test,
+    without forming them. ``model._from_gradients`` must take per-sample gradients."""
+    engine = model._engine
+    test = engine.factored(x_test, y_test, model._chunk())
+    train = test if symmetric else engine.factored(x, y, model._chunk())
+    if not engine.inner_products_pay(test, train):
+        return model._from_gradients(model._solve(engine.to_dense(test)), train)
+    basis = model._block_rows(model.eigenvectors)
+    projected_test = engine.products(basis, test)  # (Σ r, n_test)
+    projected = projected_test if symmetric else engine.products(basis, train)
+    out = (projected_test.T * _woodbury_scale(model)) @ projected
+    for b in model.layout.blocks:
+        out += engine.gram(test, train, b.slice) / model.regularization[b.name]
+    return out
+
+
+def woodbury_self_influences(
+    model: TorchInfluenceFunctionModel, x: Tensor, y: Tensor, fallback: Callable[[Tensor, Tensor], Tensor]
+) -> Tensor:
+    """Σ_blocks ‖g‖² / λ + Σ_r d_r P_r² (see ``woodbury_influences``) from the factored gradients,
+    or ``fallback(x, y)`` where those do not pay."""
+    engine = model._engine
+    gradients = engine.factored(x, y, model._chunk())
+    if not engine.inner_products_pay(gradients):
+        return fallback(x, y)
+    projected = engine.products(model._block_rows(model.eigenvectors), gradients)  # (Σ r, n)
+    out = _woodbury_scale(model) @ projected.square()
+    for b in model.layout.blocks:
+        out += engine.squared_norms(gradients, b.slice) / model.regularization[b.name]
+    return out
 
 
 class NystroemSketchInfluence(TorchInfluenceFunctionModel):
@@ -116,53 +176,17 @@ class NystroemSketchInfluence(TorchInfluenceFunctionModel):
             self.eigenvectors[b.name] = U
 
     def _solve_block(self, block: _Block, rhs: Tensor) -> Tensor:
-        U, sigma = self.eigenvectors[block.name], self.eigenvalues[block.name]
-        lam = self.regularization[block.name]
-        proj = rhs @ U
-        return (rhs - proj @ U.T) / lam + (proj / (sigma + lam)) @ U.T
+        return woodbury_solve(
+            self.eigenvectors[block.name], self.eigenvalues[block.name], self.regularization[block.name], rhs
+        )
 
     def _influences(self, x_test, y_test, x, y, mode, symmetric) -> Tensor:
-        """Up mode through the sketch's structure, per block (P = Uᵀ g, d = 1/(σ+λ) − 1/λ)::
-
-            g_testᵀ (UΣUᵀ + λI)⁻¹ g = (g_test · g) / λ + P_testᵀ diag(d) P
-
-        The inner products g_test · g come from the factored gradients of nn.Linear layers
-        (``GradientEngine.gram``) where that is cheaper than p numbers per pair; the
-        projections P need products with the rank vectors only. Same numbers as the factors
-        (H + λI)⁻¹ g_test, without forming them."""
         if mode is not InfluenceMode.Up:
             return super()._influences(x_test, y_test, x, y, mode, symmetric)
-        engine = self._engine
-        test = engine.factored(x_test, y_test, self._chunk())
-        train = test if symmetric else engine.factored(x, y, self._chunk())
-        if not engine.inner_products_pay(test, train):
-            return self._from_gradients(self._solve(engine.to_dense(test)), train)
-        basis = self._block_rows(self.eigenvectors)
-        projected_test = engine.products(basis, test)  # (Σ rank, n_test)
-        projected = projected_test if symmetric else engine.products(basis, train)
-        out = (projected_test.T * self._woodbury_scale()) @ projected
-        for b in self.layout.blocks:
-            out += engine.gram(test, train, b.slice) / self.regularization[b.name]
-        return out
+        return woodbury_influences(self, x_test, y_test, x, y, symmetric)
 
     def _self_influences_up(self, x: Tensor, y: Tensor) -> Tensor:
-        """Σ_blocks ‖g‖² / λ + Σ_r d_r P_r² (see ``_influences``), from the factored gradients."""
-        engine = self._engine
-        gradients = engine.factored(x, y, self._chunk())
-        if not engine.inner_products_pay(gradients):
-            return super()._self_influences_up(x, y)
-        projected = engine.products(self._block_rows(self.eigenvectors), gradients)  # (Σ rank, n)
-        out = self._woodbury_scale() @ projected.square()
-        for b in self.layout.blocks:
-            out += engine.squared_norms(gradients, b.slice) / self.regularization[b.name]
-        return out
-
-    def _woodbury_scale(self) -> Tensor:
-        """1/(σ + λ) − 1/λ of every block's sketch directions, blocks in order: (Σ rank,)."""
-        lam = self.regularization
-        return torch.cat(
-            [1.0 / (self.eigenvalues[b.name] + lam[b.name]) - 1.0 / lam[b.name] for b in self.layout.blocks]
-        )
+        return woodbury_self_influences(self, x, y, super()._self_influences_up)
 
     def with_regularization(self, hessian_regularization) -> NystroemSketchInfluence:
         """A copy with another λ > 0 that reuses the sketch (no pass over the data)."""

@@ -157,3 +157,86 @@ def test_lanczos_on_explicit_matrix():
     assert torch.allclose(result.eigenvalues, spectrum[:3], atol=1e-9)
     overlap = (result.eigenvectors.T @ Q[:, :3]).abs()
     assert torch.allclose(overlap, torch.eye(3, dtype=torch.float64), atol=1e-6)
+
+
+# ---------------------------------------------------------------- use_woodbury=True (pyDVL 0.10)
+
+
+def woodbury_inverse(C: torch.Tensor, rank: int, lam: float) -> torch.Tensor:
+    """(V diag(σ) Vᵀ + λI)⁻¹ = V diag(1/(σ+λ)) Vᵀ + (I − VVᵀ)/λ from the explicit matrix C's ``rank``
+    eigenpairs of largest magnitude (a float64 eigendecomposition)."""
+    evals, evecs = torch.linalg.eigh(C)
+    top = torch.argsort(evals.abs(), descending=True)[:rank]
+    V, sigma = evecs[:, top], evals[top]
+    eye = torch.eye(C.shape[0], dtype=C.dtype)
+    return V @ torch.diag(1 / (sigma + lam)) @ V.T + (eye - V @ V.T) / lam
+
+
+@pytest.mark.parametrize("mode, lam", [("gauss_newton", 1e-2), ("hessian", 5e-2)])
+@pytest.mark.parametrize("rank", [4, 8])
+def test_woodbury_equals_the_explicit_low_rank_plus_lambda_inverse(small_classifier, mode, lam, rank):
+    model, x, y, xt, yt = small_classifier
+    data = loader(x, y, [13, 10, 7])
+    inverse = woodbury_inverse(small_classifier.curvature(mode), rank, lam)
+    G_test, G_train = small_classifier.test_gradients, small_classifier.train_gradients
+    arnoldi = ArnoldiInfluence(
+        model, CE, lam, rank=rank, tol=1e-10, second_order_mode=mode, use_woodbury=True
+    ).fit(data)
+    expected = G_test @ inverse @ G_train.T
+    assert rel(arnoldi.influences(xt, yt, x, y), expected) < 1e-8
+    sym = G_test @ inverse @ G_test.T
+    assert rel(arnoldi.influences(xt, yt), sym) < 1e-8
+    assert rel(arnoldi.self_influences(xt, yt), torch.diagonal(sym)) < 1e-8
+    factors = arnoldi.influence_factors(xt, yt)
+    assert rel(factors, G_test @ inverse) < 1e-8
+    assert rel(arnoldi.influences_from_factors(factors, x, y), expected) < 1e-8
+    rep = arnoldi.train_representation(x, y)  # gradients, not projections: the complement counts
+    assert rel(arnoldi.influences_from_representation(factors, rep), expected) < 1e-8
+    truncated = ArnoldiInfluence(model, CE, lam, rank=rank, tol=1e-10, second_order_mode=mode).fit(data)
+    assert rel(truncated.influences(xt, yt, x, y), expected) > 1e-2  # the two forms differ here
+
+
+def test_woodbury_perturbation_uses_the_woodbury_factors(small_classifier):
+    model, x, y, xt, yt = small_classifier
+    arnoldi = ArnoldiInfluence(
+        model, CE, LAM, rank=5, tol=1e-10, second_order_mode="gauss_newton", use_woodbury=True
+    ).fit(loader(x, y, [30]))
+    factors = small_classifier.test_gradients[:3] @ woodbury_inverse(
+        small_classifier.curvature("gauss_newton"), 5, LAM
+    )
+    pert = arnoldi.influences(xt[:3], yt[:3], x[:4], y[:4], mode="perturbation")
+    assert pert.shape == (3, 4, 3)
+    assert rel(pert, arnoldi.influences_from_factors(factors, x[:4], y[:4], mode="perturbation")) < 1e-8
+
+
+def test_woodbury_layer_wise_and_with_regularization(small_classifier):
+    model, x, y, xt, yt = small_classifier
+    data = loader(x, y, [11, 19])
+    reg = {"0": 3e-2, "2": 1.5e-2}
+    H = small_classifier.curvature("hessian")
+    A_inv = torch.zeros_like(H)
+    for sl, name in ((slice(0, 16), "0"), (slice(16, 31), "2")):
+        A_inv[sl, sl] = woodbury_inverse(H[sl, sl], 5, reg[name])
+    G_test, G_train = small_classifier.test_gradients, small_classifier.train_gradients
+    arnoldi = ArnoldiInfluence(
+        model, CE, reg, rank=5, tol=1e-10, block_structure=BlockMode.LAYER_WISE, use_woodbury=True
+    ).fit(data)
+    assert rel(arnoldi.influences(xt, yt, x, y), G_test @ A_inv @ G_train.T) < 1e-8
+    swept = arnoldi.with_regularization(0.2)
+    assert swept.eigenvectors is arnoldi.eigenvectors
+    for sl in (slice(0, 16), slice(16, 31)):
+        A_inv[sl, sl] = woodbury_inverse(H[sl, sl], 5, 0.2)
+    assert rel(swept.influences(xt, yt, x, y), G_test @ A_inv @ G_train.T) < 1e-8
+    with pytest.raises(ValueError, match=r"use_woodbury=True.*> 0 in every block.*'2': 0\.0"):
+        arnoldi.with_regularization({"0": 0.1})
+
+
+def test_woodbury_needs_positive_regularization_and_is_recorded(small_classifier):
+    model = small_classifier.model
+    with pytest.raises(ValueError, match=r"use_woodbury=True.*hessian_regularization > 0"):
+        ArnoldiInfluence(model, CE, rank=3, use_woodbury=True)
+    with pytest.raises(TypeError, match="use_woodbury must be True or False"):
+        ArnoldiInfluence(model, CE, 0.1, use_woodbury="yes")
+    record = ArnoldiInfluence(model, CE, regularization=0.1, use_woodbury=True).hyperparameters()
+    assert record["use_woodbury"] is True
+    assert not ArnoldiInfluence(model, CE, 0.1).hyperparameters()["use_woodbury"]

@@ -76,6 +76,7 @@ EXPECTED = {
         "max_iter": None,
         "block_size": None,
         "seed": 0,
+        "use_woodbury": False,
     },
     "nystroem": {
         "hessian_regularization": {"model": 0.2},
