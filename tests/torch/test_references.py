@@ -183,8 +183,7 @@ def test_per_sample_gradients_match_finite_differences(workloads, name):
     model, loss, train, test = workloads[name]
     G = ref.per_sample_gradients(model, loss, test)
     g = torch.Generator().manual_seed(2)
-    one = [test[0] if not isinstance(test[0], dict) else test[0]]
-    x, y = ref.split_batch(one[0])
+    x, y = ref.split_batch(test[0])
     for i in (0, ref.n_samples(x) - 1):
         sample = (
             [{**ref.take(x, i), "labels": y[i : i + 1]}]
