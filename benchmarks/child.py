@@ -50,13 +50,14 @@ def _filtered(cls, kwargs: dict) -> tuple[dict, list]:
     return kept, sorted(set(kwargs) - set(kept))
 
 
-CLASS_NAMES = {
+# pyDVL 0.10's class of each method (infscale's come from its registry, infscale.app.registry).
+PYDVL_CLASS_NAMES = {
     "direct": "DirectInfluence",
     "cg": "CgInfluence",
     "lissa": "LissaInfluence",
     "arnoldi": "ArnoldiInfluence",
     "nystroem": "NystroemSketchInfluence",
-    "ihm": "InverseHarmonicMeanInfluence",
+    "inverse-harmonic-mean": "InverseHarmonicMeanInfluence",
     "ekfac": "EkfacInfluence",
 }
 
@@ -68,39 +69,43 @@ PYDVL_MODE_NAMES = {"hessian": "hessian", "empirical_fisher": "gauss_newton"}
 
 
 def make_method(lib: str, method: str, model, loss, params: dict):
-    """The influence model of ``lib`` for ``method`` with the shared settings ``params``."""
+    """The influence model of ``lib`` for ``method`` (a name of infscale's registry) with the shared
+    settings ``params`` (``regularization`` plus the method's own); returns (model, dropped settings).
+
+    infscale: ``infscale.app.registry.make_influence_model``; a setting the class does not take is
+    dropped (and reported), a method this installation lacks raises ModuleNotFoundError."""
     params = dict(params)
     reg = params.pop("regularization")
     if lib == "infscale":
-        import infscale.torch as mod
+        from infscale.app.registry import make_influence_model, resolve_method
+        from infscale.errors import UsageError
 
-        cls = getattr(mod, CLASS_NAMES[method], None)
-        if cls is None:
-            raise ModuleNotFoundError(f"infscale.torch.{CLASS_NAMES[method]} not available")
+        try:
+            short, cls = resolve_method(method)
+        except UsageError as error:  # not in this installation: reported as "not available"
+            raise ModuleNotFoundError(str(error)) from error
         kwargs = {"hessian_regularization": reg, **params}
-        if method == "ekfac":
+        if short == "ekfac":
             kwargs.setdefault("update_diagonal", True)
-    else:
-        import pydvl.influence.torch as mod
+        kept, dropped = _filtered(cls, kwargs)
+        return make_influence_model(short, model, loss, kept), dropped
+    import pydvl.influence.torch as mod
 
-        cls = getattr(mod, CLASS_NAMES[method])
-        if method == "ekfac":  # pyDVL's EK-FAC takes no loss (cross-entropy) and the old keyword
-            kwargs = {"hessian_regularization": reg, "update_diagonal": True}
-            kept, _ = _filtered(cls, kwargs)
-            return cls(model, **kept), []
-        kwargs = {"regularization": reg, **params}
-        if "second_order_mode" in kwargs:
-            from pydvl.influence.torch.util import SecondOrderMode
+    cls = getattr(mod, PYDVL_CLASS_NAMES[method])
+    if method == "ekfac":  # pyDVL's EK-FAC takes no loss (cross-entropy) and the old keyword
+        kept, _ = _filtered(cls, {"hessian_regularization": reg, "update_diagonal": True})
+        return cls(model, **kept), []
+    kwargs = {"regularization": reg, **params}
+    if "second_order_mode" in kwargs:
+        from pydvl.influence.torch.util import SecondOrderMode
 
-            kwargs["second_order_mode"] = SecondOrderMode(PYDVL_MODE_NAMES[kwargs["second_order_mode"]])
-        if method == "cg":
-            kwargs.setdefault("solve_simultaneously", True)  # pyDVL's fastest CG: block CG
-            kwargs.setdefault("warn_on_max_iteration", False)
-        if method == "lissa":
-            kwargs.setdefault("warn_on_max_iteration", False)
+        kwargs["second_order_mode"] = SecondOrderMode(PYDVL_MODE_NAMES[kwargs["second_order_mode"]])
+    if method == "cg":
+        kwargs.setdefault("solve_simultaneously", True)  # pyDVL's fastest CG: block CG
+        kwargs.setdefault("warn_on_max_iteration", False)
+    if method == "lissa":
+        kwargs.setdefault("warn_on_max_iteration", False)
     kept, dropped = _filtered(cls, kwargs)
-    if method == "ekfac":  # EK-FAC takes the loss as a kind (cross-entropy by default), not a callable
-        return cls(model, **kept), dropped
     return cls(model, loss, **kept), dropped
 
 

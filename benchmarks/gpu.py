@@ -32,14 +32,15 @@ sys.path.insert(0, str(HERE))
 
 import child  # noqa: E402
 import workloads as W  # noqa: E402
-from run_all import LABEL, PYDVL_EKFAC_CHUNK, wide_settings  # noqa: E402
+from config import PYDVL_EKFAC_CHUNK, wide_settings  # noqa: E402
+from page.format import LABEL  # noqa: E402
 
 N_TRAIN, N_TEST = 10_000, 500
 BATCH, TEST_BATCH = 1_000, 100
 DEVICE = "cuda"
 EPOCHS = 40
-METHODS = ["cg", "arnoldi", "nystroem", "ihm", "ekfac", "lissa"]
-CURVATURE = "empirical_fisher"  # the matrix pyDVL 0.10 calls GAUSS_NEWTON (see run_all.PYDVL_SEMANTICS)
+METHODS = ["cg", "arnoldi", "nystroem", "inverse-harmonic-mean", "ekfac", "lissa"]  # infscale registry names
+CURVATURE = "empirical_fisher"  # the matrix pyDVL 0.10 calls GAUSS_NEWTON (see page.format.PYDVL_SEMANTICS)
 SIZES = {"cg_maxiter_wide": 30, "lissa_maxiter_wide": 100}
 
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import child  # noqa: E402
 import workloads as W  # noqa: E402
-from run_all import SIZES, wide_settings  # noqa: E402
+from config import SIZES, wide_settings  # noqa: E402
 
 
 def main(which: str) -> dict:
