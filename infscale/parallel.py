@@ -23,6 +23,7 @@ from __future__ import annotations
 import pickle
 import uuid
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import cloudpickle
@@ -35,6 +36,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from .base import InfluenceFunctionModel, InfluenceMode, numpy_dtype
 from .errors import (
+    BatchFormatError,
     InvalidDimensionChunksError,
     NotFittedError,
     ThreadSafetyViolationError,
@@ -70,6 +72,22 @@ class DisableClientSingleThreadCheck:
 
 def _block_key(array: da.Array, row_block: int) -> tuple:
     return (array.name, row_block) + (0,) * (array.ndim - 1)
+
+
+def _lead(x: Any) -> da.Array:
+    """The array whose rows stand for x's: x, or the first array of a dict of features."""
+    return next(iter(x.values())) if isinstance(x, Mapping) else x
+
+
+def _rows_key(x: Any, i: int) -> Any:
+    """The task argument of row block i of x: its block key; a dict of block keys for a dict of arrays."""
+    if isinstance(x, Mapping):
+        return (dict, [[k, _block_key(a, i)] for k, a in x.items()])
+    return _block_key(x, i)
+
+
+def _arrays(x: Any) -> list:
+    return list(x.values()) if isinstance(x, Mapping) else [x]
 
 
 def _unpickle(blob: bytes) -> Any:
@@ -251,6 +269,12 @@ class DaskInfluenceCalculator:
             raise InvalidDimensionChunksError(name, array.chunks)
 
     def _check_pair(self, x: Any, y: Any, method: str, x_name: str = "x", y_name: str = "y") -> None:
+        if isinstance(x, Mapping):  # features for model(**x): a dict of arrays with y's row chunks
+            if not x:
+                raise BatchFormatError(f"DaskInfluenceCalculator.{method}(): {x_name} is an empty dict.")
+            for k, v in x.items():
+                self._check_pair(v, y, method, f"{x_name}[{k!r}]", y_name)
+            return
         self._check_array(x, x_name, method)
         self._check_array(y, y_name, method)
         if x.shape[0] != y.shape[0]:
@@ -267,21 +291,28 @@ class DaskInfluenceCalculator:
                 f"model was fitted on inputs of feature shape {tuple(fitted)}."
             )
 
+    def _check_perturbation(self, x: Any, mode: InfluenceMode, method: str) -> None:
+        if mode is InfluenceMode.Perturbation and isinstance(x, Mapping):
+            raise BatchFormatError(
+                f"DaskInfluenceCalculator.{method}(): mode='perturbation' differentiates with respect to "
+                "x and needs one array; got a dict of arrays. Use mode='up'."
+            )
+
     def _parse_mode(self, mode: Any, method: str) -> InfluenceMode:
         return InfluenceMode.parse(mode, type(self), method)
 
     # ------------------------------------------------------------ graph pieces
     def _factor_tasks(self, x: da.Array, y: da.Array) -> tuple[str, dict]:
-        name = "influence-factors-" + tokenize(self._state.key, x.name, y.name)
+        name = "influence-factors-" + tokenize(self._state.key, [a.name for a in _arrays(x)], y.name)
         layer = {
             (name, i, 0): (
                 _factors_task,
                 self._state.key,
                 self.dtype,
-                _block_key(x, i),
+                _rows_key(x, i),
                 _block_key(y, i),
             )
-            for i in range(len(x.chunks[0]))
+            for i in range(len(_lead(x).chunks[0]))
         }
         return name, layer
 
@@ -295,17 +326,17 @@ class DaskInfluenceCalculator:
         y: da.Array,
         mode: InfluenceMode,
     ) -> da.Array:
-        token = tokenize(self._state.key, factor_name, x.name, y.name, mode.value)
+        token = tokenize(self._state.key, factor_name, [a.name for a in _arrays(x)], y.name, mode.value)
         rep_name = f"influence-train-representation-{token}"
         out_name = f"influences-{mode.value}-{token}"
         feature_zeros = (0,) * (x.ndim - 1) if mode is InfluenceMode.Perturbation else ()
-        n_train_blocks = len(x.chunks[0])
+        n_train_blocks = len(_lead(x).chunks[0])
         rep_layer = {
             (rep_name, j): (
                 _representation_task,
                 self._state.key,
                 mode.value,
-                _block_key(x, j),
+                _rows_key(x, j),
                 _block_key(y, j),
             )
             for j in range(n_train_blocks)
@@ -324,9 +355,9 @@ class DaskInfluenceCalculator:
         }
         layers = {**(factor_layer or {}), **rep_layer, **out_layer}
         graph = HighLevelGraph.from_collections(
-            out_name, layers, dependencies=[self._state, x, y, *factor_dependencies]
+            out_name, layers, dependencies=[self._state, *_arrays(x), y, *factor_dependencies]
         )
-        chunks = (test_chunks, x.chunks[0])
+        chunks = (test_chunks, _lead(x).chunks[0])
         if mode is InfluenceMode.Perturbation:
             chunks = chunks + tuple((d,) for d in x.shape[1:])
         return da.Array(graph, out_name, chunks, meta=np.empty((0,) * len(chunks), dtype=self.dtype))
@@ -342,9 +373,10 @@ class DaskInfluenceCalculator:
         self._check_client_open()
         self._check_pair(x, y, "influence_factors")
         name, layer = self._factor_tasks(x, y)
-        graph = HighLevelGraph.from_collections(name, layer, dependencies=[self._state, x, y])
+        graph = HighLevelGraph.from_collections(name, layer, dependencies=[self._state, *_arrays(x), y])
         n_parameters = int(self.model.n_parameters)
-        return da.Array(graph, name, (x.chunks[0], (n_parameters,)), meta=np.empty((0, 0), dtype=self.dtype))
+        chunks = (_lead(x).chunks[0], (n_parameters,))
+        return da.Array(graph, name, chunks, meta=np.empty((0, 0), dtype=self.dtype))
 
     def influences_from_factors(
         self,
@@ -375,6 +407,7 @@ class DaskInfluenceCalculator:
                 f"(n_test, {n_parameters}); got {z_test_factors.shape}."
             )
         self._check_pair(x, y, "influences_from_factors")
+        self._check_perturbation(x, mode, "influences_from_factors")
         factors = z_test_factors
         if factors.dtype != self.dtype:
             factors = factors.astype(self.dtype)
@@ -415,13 +448,22 @@ class DaskInfluenceCalculator:
             x, y = x_test, y_test
         else:
             self._check_pair(x, y, "influences")
-            if x.shape[1:] != x_test.shape[1:]:
+            if isinstance(x, Mapping) or isinstance(x_test, Mapping):
+                if not (isinstance(x, Mapping) and isinstance(x_test, Mapping) and set(x) == set(x_test)):
+                    raise ValueError(
+                        "DaskInfluenceCalculator.influences(): x_test and x must both be arrays or both "
+                        "dicts of arrays with the same keys."
+                    )
+            elif x.shape[1:] != x_test.shape[1:]:
                 raise ValueError(
                     f"DaskInfluenceCalculator.influences(): x_test has feature shape {x_test.shape[1:]} "
                     f"but x has feature shape {x.shape[1:]}; they must be the same."
                 )
+        self._check_perturbation(x, mode, "influences")
         factor_name, factor_layer = self._factor_tasks(x_test, y_test)
-        return self._product_array(factor_name, factor_layer, [x_test, y_test], x_test.chunks[0], x, y, mode)
+        return self._product_array(
+            factor_name, factor_layer, [*_arrays(x_test), y_test], _lead(x_test).chunks[0], x, y, mode
+        )
 
     def self_influences(
         self, x: da.Array, y: da.Array, mode: InfluenceMode | str = InfluenceMode.Up
@@ -436,7 +478,10 @@ class DaskInfluenceCalculator:
         self._check_client_open()
         mode = self._parse_mode(mode, "self_influences")
         self._check_pair(x, y, "self_influences")
-        name = f"self-influences-{mode.value}-" + tokenize(self._state.key, x.name, y.name)
+        self._check_perturbation(x, mode, "self_influences")
+        name = f"self-influences-{mode.value}-" + tokenize(
+            self._state.key, [a.name for a in _arrays(x)], y.name
+        )
         feature_zeros = (0,) * (x.ndim - 1) if mode is InfluenceMode.Perturbation else ()
         layer = {
             (name, i, *feature_zeros): (
@@ -444,13 +489,13 @@ class DaskInfluenceCalculator:
                 self._state.key,
                 mode.value,
                 self.dtype,
-                _block_key(x, i),
+                _rows_key(x, i),
                 _block_key(y, i),
             )
-            for i in range(len(x.chunks[0]))
+            for i in range(len(_lead(x).chunks[0]))
         }
-        graph = HighLevelGraph.from_collections(name, layer, dependencies=[self._state, x, y])
-        chunks = (x.chunks[0],)
+        graph = HighLevelGraph.from_collections(name, layer, dependencies=[self._state, *_arrays(x), y])
+        chunks = (_lead(x).chunks[0],)
         if mode is InfluenceMode.Perturbation:
             chunks = chunks + tuple((d,) for d in x.shape[1:])
         return da.Array(graph, name, chunks, meta=np.empty((0,) * len(chunks), dtype=self.dtype))
