@@ -142,6 +142,7 @@ def test_dask_calculator_with_a_dict_of_arrays(bert):
         calc.influences(x_test, y_test, x, y, mode="perturbation")
 
 
+@pytest.mark.filterwarnings("ignore:Sending large graph")  # DirectInfluence holds two p × p matrices
 def test_dask_dict_features_on_a_distributed_client(bert):
     """The dict of block keys in each task resolves on distributed's scheduler too."""
     distributed = pytest.importorskip("distributed")

@@ -47,9 +47,8 @@ import torch
 from torch import Tensor, nn
 
 from ..base import InfluenceFunctionModel, InfluenceMode
-from ..errors import BatchFormatError
 from .curvature import CurvatureOperator
-from .data import Features, check_finite, describe, loader_batches, split_batch, to_device
+from .data import Features, check_finite, loader_batches, split_batch, to_device
 from .gradients import FactoredGradients, GradientEngine
 from .layout import (
     BlockMode,
@@ -63,19 +62,18 @@ from .layout import (
 from .memory import default_chunk_size
 from .perturbation import perturbation_influences, self_perturbation_influences
 from .settings import Configurable
-from .validation import FeatureSpec, StateCheck, check_eval_mode, check_query, check_result, probe
+from .validation import (
+    FeatureSpec,
+    StateCheck,
+    check_eval_mode,
+    check_query,
+    check_result,
+    input_signature,
+    probe,
+    require_tensor_features,
+)
 
 __all__ = ["TorchInfluenceFunctionModel"]
-
-
-def _signature(x: Features, y: Tensor) -> tuple:
-    """The kind of a query's inputs the model and loss were probed on: keys, trailing shapes, dtypes."""
-    items = sorted(x.items()) if isinstance(x, Mapping) else [(None, x)]
-    return (
-        tuple((k, tuple(t.shape[1:]), t.dtype) for k, t in items),
-        (tuple(y.shape[1:]), y.dtype),
-        str(y.device),
-    )
 
 
 class TorchInfluenceFunctionModel(Configurable, InfluenceFunctionModel[Tensor, Iterable]):
@@ -173,21 +171,14 @@ class TorchInfluenceFunctionModel(Configurable, InfluenceFunctionModel[Tensor, I
         return self.layout.device
 
     def fit(self, data: Iterable) -> TorchInfluenceFunctionModel:
-        """Fit on the training data: an iterable of batches, e.g. a DataLoader. A batch is ``(x, y)``
-        or a mapping with the targets under ``"labels"`` (the rest is x, passed as ``model(**x)``);
-        x is a tensor or a mapping of tensors (``infscale.torch.data``).
+        """Fit on the training data: an iterable of batches ``(x, y)`` or mappings with "labels",
+        x a tensor or a mapping of tensors (``infscale.torch.data``), e.g. a DataLoader. Returns self.
 
-        Before computing, the model must be in eval mode where that matters, its parameters and the
-        data finite, and the model and loss run on the first batch. Returns self.
-
-        Raises:
-            ValueError: empty data. TypeError: data is not iterable.
-            BatchFormatError, TrainingModeError, NonFiniteError, ModelInputError: see
-            ``infscale.torch.validation``.
+        Raises: ValueError (empty data), TypeError (not iterable), and before computing anything
+        BatchFormatError, TrainingModeError, NonFiniteError, ModelInputError (``validation``).
         """
-        where = f"{type(self).__name__}.fit()"
-        check_eval_mode(self.model, where)
-        self._state_check(self.model, where)
+        where = self._where("fit")
+        self._check_model(where)
         try:
             first = next(iter(loader_batches(data)))
         except StopIteration:
@@ -203,7 +194,7 @@ class TorchInfluenceFunctionModel(Configurable, InfluenceFunctionModel[Tensor, I
         probe(self.model, self.loss, x, y, f"{where} on data batch 0", "x", "y")
         self._feature_spec = FeatureSpec.of(x)
         self._feature_shape = self._feature_spec.feature_shape
-        self._probed = {_signature(x, y)}
+        self._probed = {input_signature(x, y)}
         self._fit(data)
         self._fitted = True
         return self
@@ -218,8 +209,7 @@ class TorchInfluenceFunctionModel(Configurable, InfluenceFunctionModel[Tensor, I
 
     # ------------------------------------------------------------------ helpers
     def _to_device(self, x: Features, y: Tensor) -> tuple[Features, Tensor]:
-        """(x, y) as tensors (x: or a dict of them) on the model's device; floating ones in the
-        model's dtype."""
+        """(x, y) on the model's device; floating-point tensors in the model's dtype."""
         return to_device(x, self.device, self.dtype), to_device(y, self.device, self.dtype)
 
     def _fitted_spec(self) -> FeatureSpec | None:
@@ -228,35 +218,32 @@ class TorchInfluenceFunctionModel(Configurable, InfluenceFunctionModel[Tensor, I
         return self._feature_spec
 
     def _check_xy(self, x: Any, y: Any, method: str, x_name: str = "x", y_name: str = "y"):
-        """Hook: checks a query's (x, y) and moves them to the model's device and dtype. Default:
-        a tensor or mapping x and a tensor y with the same number of rows and the fitted features
-        (``validation.check_query``), the model in eval mode, finite parameters and inputs, and the
-        model and loss run on the first row of each new kind of input (``validation.probe``).
-        Extend via super()."""
-        where = f"{type(self).__name__}.{method}()"
+        """Hook: checks a query's (x, y) (``infscale.torch.validation``: kinds, rows and features,
+        eval mode, finite parameters and inputs, the model and loss on the first row of each new kind
+        of input) and moves them to the model's device and dtype. Extend via super()."""
+        where = self._where(method)
         check_query(x, y, self._fitted_spec(), where, x_name, y_name)
-        check_eval_mode(self.model, where)
-        self._state_check(self.model, where)
+        self._check_model(where)
         x, y = self._to_device(x, y)
         check_finite(x, x_name, where)
         check_finite(y, y_name, where)
         self._check_targets(y, y_name, where)
-        signature = _signature(x, y)
+        signature = input_signature(x, y)
         if signature not in self._probed and y.shape[0]:
             probe(self.model, self.loss, x, y, where, x_name, y_name, rows=1)
             self._probed.add(signature)
         return x, y
 
+    def _check_model(self, where: str) -> None:
+        check_eval_mode(self.model, where)
+        self._state_check(self.model, where)
+
     def _check_targets(self, y: Tensor, y_name: str, where: str) -> None:
         """Hook: a method's own checks of the targets, before the model and loss run on them."""
 
     def _tensor_features(self, x: Features, mode: InfluenceMode, method: str, x_name: str = "x") -> None:
-        """Perturbation mode differentiates with respect to x: it needs one floating-point tensor."""
-        if mode is InfluenceMode.Perturbation and not (isinstance(x, Tensor) and x.is_floating_point()):
-            raise BatchFormatError(
-                f"{type(self).__name__}.{method}(): mode='perturbation' differentiates with respect to "
-                f"{x_name} and needs a floating-point tensor; got {describe(x)}. Use mode='up'."
-            )
+        if mode is InfluenceMode.Perturbation:
+            require_tensor_features(x, self._where(method), x_name)
 
     def _block_engine(self, block: _Block) -> GradientEngine:
         """The per-sample gradient engine of one block's parameters (``self._engine`` when the

@@ -1,10 +1,10 @@
 """The checks every PyTorch method runs before it computes anything, each raising a named
 ``infscale.errors.UserFixableError`` with a one-line message (what was given, what was expected):
 
-- ``check_eval_mode``: a model in training mode with dropout, batch norm or another module whose
-  forward reads ``self.training`` is refused (``TrainingModeError``): its function is random or
-  depends on the batch, and per-sample gradients of it are not the gradients of any fixed loss.
-  infscale never calls ``model.eval()`` for the user.
+- ``check_eval_mode``: a model in training mode with (non-zero) dropout, batch norm or another
+  module whose forward reads ``self.training`` is refused (``TrainingModeError``): its function is
+  random or depends on the batch, and per-sample gradients of it are not the gradients of any fixed
+  loss. infscale never calls ``model.eval()`` for the user.
 - ``StateCheck``: NaN or ±inf in a parameter or buffer (``NonFiniteError``), re-checked only when a
   tensor was changed in place since the last check (``Tensor._version``).
 - ``FeatureSpec`` / ``check_query``: the kind, keys and shapes of query features against those of
@@ -48,17 +48,14 @@ __all__ = [
     "check_query",
     "probe",
     "check_result",
+    "input_signature",
+    "require_tensor_features",
 ]
-
-_SENSITIVE_TYPES = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
-
 
 @functools.cache
 def _reads_training(cls: type) -> bool:
-    """Whether ``cls`` is a dropout or batch-norm module, or its ``forward`` reads ``self.training``
-    (read from the source; a class without source is taken not to)."""
-    if issubclass(cls, _SENSITIVE_TYPES):
-        return True
+    """Whether the ``forward`` of ``cls`` reads ``self.training`` (from the source, read once per
+    class; a class without source is taken not to)."""
     forward = getattr(cls, "forward", None)
     try:
         source = inspect.getsource(forward)
@@ -67,13 +64,27 @@ def _reads_training(cls: type) -> bool:
     return "self.training" in source
 
 
+def _depends_on_mode(module: nn.Module) -> bool:
+    """Whether the module computes another function in training mode: batch norm always; dropout,
+    and torch's RNNs and multi-head attention (which read ``self.training`` for their dropout),
+    unless their dropout probability is 0; any other module whose ``forward`` reads
+    ``self.training``."""
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        return True
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return module.p > 0
+    if isinstance(module, (nn.RNNBase, nn.MultiheadAttention)):
+        return float(module.dropout) > 0
+    return _reads_training(type(module))
+
+
 def training_sensitive_modules(model: nn.Module) -> list[str]:
-    """Names of the modules in training mode whose function depends on it (dropout, batch norm,
-    or a ``forward`` that reads ``self.training``); the root module is named by its class."""
+    """Names of the modules in training mode whose function depends on it (``_depends_on_mode``);
+    the root module is named by its class."""
     return [
         name or type(model).__name__
         for name, module in model.named_modules()
-        if module.training and _reads_training(type(module))
+        if module.training and _depends_on_mode(module)
     ]
 
 
@@ -214,6 +225,26 @@ def _check_tensors(given: FeatureSpec, fitted: FeatureSpec, where: str, x_name: 
                 f"{where}: {label} has feature shape {shape}, but the model was fitted on inputs of "
                 f"feature shape {want}."
             )
+
+
+def require_tensor_features(x: Features, where: str, x_name: str) -> None:
+    """Perturbation mode differentiates with respect to x: it needs one floating-point tensor
+    (``BatchFormatError`` otherwise)."""
+    if not (isinstance(x, Tensor) and x.is_floating_point()):
+        raise BatchFormatError(
+            f"{where}: mode='perturbation' differentiates with respect to {x_name} and needs a "
+            f"floating-point tensor; got {describe(x)}. Use mode='up'."
+        )
+
+
+def input_signature(x: Features, y: Tensor) -> tuple:
+    """The kind of a query's inputs the model and loss were probed on: keys, trailing shapes, dtypes."""
+    items = sorted(x.items()) if isinstance(x, Mapping) else [(None, x)]
+    return (
+        tuple((k, tuple(t.shape[1:]), t.dtype) for k, t in items),
+        (tuple(y.shape[1:]), y.dtype),
+        str(y.device),
+    )
 
 
 # ------------------------------------------------------------------------------ the user's code
