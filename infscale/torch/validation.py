@@ -93,13 +93,13 @@ def check_eval_mode(model: nn.Module, where: str) -> None:
     names = training_sensitive_modules(model)
     if names:
         listed = ", ".join(
-            f"{n} ({type(model.get_submodule(n)).__name__ if n != type(model).__name__ else n})"
+            f"{n!r} ({type(model.get_submodule(n)).__name__ if n != type(model).__name__ else n})"
             for n in names[:3]
         )
         more = f" and {len(names) - 3} more" if len(names) > 3 else ""
         raise TrainingModeError(
-            f"{where}: the model is in training mode and {listed}{more} compute a different (random or "
-            "batch-dependent) function in training mode; influences need the deterministic one: call "
+            f"{where}: the model is in training mode, where its modules {listed}{more} compute another "
+            "(random or batch-dependent) function; influences need the deterministic one: call "
             "model.eval() first (infscale does not change the model's mode)."
         )
 
@@ -119,8 +119,11 @@ class StateCheck:
             for name, t in named
             if t.is_floating_point() or t.is_complex()
         ]
-        key = tuple((id(t), t._version) for _, _, t in tensors)
-        if key == self._checked:
+        try:
+            key: tuple | None = tuple((id(t), t._version) for _, _, t in tensors)
+        except RuntimeError:  # inference tensors have no version counter: check every time
+            key = None
+        if key is not None and key == self._checked:
             return
         if tensors:
             device = tensors[0][2].device
@@ -286,7 +289,9 @@ def probe(
         NonFiniteError: the loss is NaN or infinite; the message names the rows of x where it is.
     """
     xs, ys = (x, y) if rows is None else (take_rows(x, slice(0, rows)), y[:rows])
-    given = f"{x_name} ({describe(xs)}) and {y_name} ({describe(ys)})"
+    given = f"{x_name} ({describe(x)}) and {y_name} ({describe(y)})"
+    if rows is not None:
+        given += f", run on the first {rows} row{'s' if rows > 1 else ''}"
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

@@ -4,6 +4,8 @@ GPT-2, token-id text models) against the independent float64 references of ``ref
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import real_models as rm
 import references as ref
@@ -198,3 +200,49 @@ def test_second_order_on_a_token_id_model_matches_the_reference(mode):
     expected = ref.exact_influences(w.model, w.loss_fn, w.train, w.test, LAM, mode)
     infl = DirectInfluence(w.model, w.loss_fn, LAM, second_order_mode=mode).fit(w.train)
     assert _rel(_query(infl, w), expected) < 1e-8
+
+
+@dataclass
+class Output:
+    logits: Tensor
+    note: str = ""
+
+
+class StructuredOutputs(TensorMLP):
+    """TensorMLP whose output is a tuple (logits, a string) or a dataclass holding the logits."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x):
+        logits = super().forward(x)
+        return (logits, "a note") if self.kind == "tuple" else Output(logits, "a note")
+
+
+def _structured_loss(outputs, y: Tensor) -> Tensor:
+    if isinstance(outputs, Tensor):
+        logits = outputs
+    elif isinstance(outputs, tuple):
+        assert outputs[1] == "a note"
+        logits = outputs[0]
+    else:
+        assert isinstance(outputs, Output) and outputs.note == "a note"
+        logits = outputs.logits
+    return nn.functional.cross_entropy(logits, y)
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dataclass"])
+@pytest.mark.parametrize("mode", ["hessian", "empirical_fisher"])
+def test_the_loss_receives_what_the_model_returns(kind, mode):
+    """Outputs that are not a tensor reach the loss as they are (Gauss-Newton needs tensor outputs
+    for its Jacobian products: not covered here)."""
+    torch.manual_seed(0)
+    twin = TensorMLP().double()
+    model = StructuredOutputs(kind).double()
+    model.load_state_dict(twin.state_dict())
+    x, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+    train = [(x[:7], y[:7]), (x[7:], y[7:])]
+    got = DirectInfluence(model, _structured_loss, 1.0, second_order_mode=mode).fit(train)
+    expected = ref.exact_influences(twin, nn.functional.cross_entropy, train, [(x[:3], y[:3])], 1.0, mode)
+    assert _rel(got.influences(x[:3], y[:3], x, y), expected) < 1e-10

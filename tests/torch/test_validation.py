@@ -170,7 +170,7 @@ def test_training_mode_dropout_or_batch_norm_is_refused(method, module):
     model = mlp(nn.Dropout(0.3) if module == "dropout" else nn.BatchNorm1d(5, affine=False))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = data()
-    with pytest.raises(TrainingModeError, match=r"1 \((Dropout|BatchNorm1d)\).*model\.eval\(\)") as error:
+    with pytest.raises(TrainingModeError, match=r"'1' \((Dropout|BatchNorm1d)\).*model\.eval\(\)") as error:
         METHODS[method](model, CE).fit(batches(x, y))
     one_line(error)
     assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -190,7 +190,7 @@ def test_training_mode_is_fine_without_such_modules_and_detected_in_forward_code
         def forward(self, h):
             return h + 0.1 * torch.randn_like(h) if self.training else h
 
-    with pytest.raises(TrainingModeError, match=r"1 \(Noisy\)"):
+    with pytest.raises(TrainingModeError, match=r"'1' \(Noisy\)"):
         DirectInfluence(mlp(Noisy()), CE, LAM).fit(batches(x, y))
     DirectInfluence(mlp(nn.Dropout(0.0)), CE, LAM).fit(batches(x, y))  # dropout 0: the same function
 
@@ -204,7 +204,7 @@ def test_training_mode_is_fine_without_such_modules_and_detected_in_forward_code
 
     sequences = torch.randn(6, 2, 4, dtype=DT)
     DirectInfluence(Recurrent(0.0).to(DT), CE, LAM).fit([(sequences, y[:6])])  # cuDNN needs train mode
-    with pytest.raises(TrainingModeError, match=r"rnn \(GRU\)"):
+    with pytest.raises(TrainingModeError, match=r"'rnn' \(GRU\)"):
         DirectInfluence(Recurrent(0.2).to(DT), CE, LAM).fit([(sequences, y[:6])])
     model = mlp(nn.Dropout(0.3)).eval()  # the decision's premise: eval mode is deterministic
     first = DirectInfluence(model, CE, LAM).fit(batches(x, y)).influences(x[:3], y[:3], x, y)
@@ -249,6 +249,28 @@ def test_features_of_another_width_are_named():
     with pytest.raises(FeatureShapeError, match=r"x_test has feature shape \(5,\).*\(4,\)") as error:
         infl.influences(torch.zeros(3, 5, dtype=DT), y[:3], x, y)
     one_line(error)
+    # token ids may be padded to another length; a model that cannot take it is named by the probe
+    token_model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3)).to(DT)
+    ids = torch.randint(0, 10, (6, 3))
+    infl = DirectInfluence(token_model, CE, LAM).fit([(ids, y[:6])])
+    with pytest.raises(ModelInputError, match=r"x_test \(a tensor of shape \(2, 4\) and dtype int64\)"):
+        infl.influences(torch.randint(0, 10, (2, 4)), y[:2], ids, y[:6])
+
+    class Keywords(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp()
+
+        def forward(self, features, ids):
+            return self.net(features) + ids[:, :1]
+
+    features = {"features": x[:6], "ids": ids}
+    infl = DirectInfluence(Keywords(), CE, LAM).fit([{**features, "labels": y[:6]}])
+    with pytest.raises(FeatureShapeError, match=r"x\['features'\] has feature shape \(3,\)"):
+        infl.self_influences({"features": x[:6, :3], "ids": ids}, y[:6])
+    with pytest.raises(FeatureShapeError, match="fitted on a mapping"):
+        infl.self_influences({"features": x[:6]}, y[:6])
+    infl.self_influences({"features": x[:2], "ids": torch.randint(0, 10, (2, 5))}, y[:2])  # padding
 
 
 def test_other_errors_and_warnings_of_the_users_code_are_not_swallowed():
