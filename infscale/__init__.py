@@ -18,12 +18,17 @@ from ._version import __version__
 from .base import SIGN_CONVENTION, InfluenceFunctionModel, InfluenceMode
 from .calculator import SequentialInfluenceCalculator
 from .errors import (
+    BatchFormatError,
+    FeatureShapeError,
     InvalidDimensionChunksError,
+    ModelInputError,
+    NonFiniteError,
     NotFittedError,
     NotPositiveDefiniteError,
     StoreExistsError,
     StoreMismatchError,
     ThreadSafetyViolationError,
+    TrainingModeError,
     UnalignedChunksError,
     UnsupportedInfluenceModeError,
     UserFixableError,
@@ -53,6 +58,11 @@ __all__ = [
     "StoreMismatchError",
     "UnsupportedInfluenceModeError",
     "UserFixableError",
+    "BatchFormatError",
+    "FeatureShapeError",
+    "ModelInputError",
+    "NonFiniteError",
+    "TrainingModeError",
     "__version__",
 ]
 

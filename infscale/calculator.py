@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .base import SIGN_CONVENTION, InfluenceMode, numpy_dtype
-from .errors import NotFittedError
+from .errors import BatchFormatError, NotFittedError
 from .grid_sides import FactorSide, Loader, LoaderSide, Side, nbytes
 from .sequences import BlockSource, ChunkSource, LazyChunkSequence, NestedLazyChunkSequence
 
@@ -169,6 +169,18 @@ class _ChunkMap(ChunkSource):
         return self._attributes
 
 
+def _perturbation_shape(loader: Loader, mode: InfluenceMode) -> tuple:
+    """The trailing shape of perturbation results (the training features'); () in up mode."""
+    if mode is not InfluenceMode.Perturbation:
+        return ()
+    if loader.mapping:
+        raise BatchFormatError(
+            f"mode='perturbation' differentiates with respect to the features and needs one array x; "
+            f"{loader.name} yields mappings of features (keys {list(loader.first_x)}). Use mode='up'."
+        )
+    return loader.feature_shape
+
+
 class SequentialInfluenceCalculator:
     """Computes influences batch by batch in one process, lazily.
 
@@ -285,14 +297,14 @@ class SequentialInfluenceCalculator:
         mode = self._mode(mode, "influences")
         test = Loader(test_data_iterable, "test_data_iterable")
         train = Loader(train_data_iterable, "train_data_iterable")
-        if test.feature_shape != train.feature_shape:
+        if test.features != train.features:
             raise ValueError(
                 f"test and train inputs must have the same feature shape; test_data_iterable yields "
-                f"{test.feature_shape}, train_data_iterable yields {train.feature_shape}."
+                f"{test.features}, train_data_iterable yields {train.features}."
             )
         test_side = LoaderSide(test, self.model.influence_factors)
         train_side = LoaderSide(train, lambda x, y: self.model.train_representation(x, y, mode))
-        feature = train.feature_shape if mode is InfluenceMode.Perturbation else ()
+        feature = _perturbation_shape(train, mode)
         grid = _InfluenceGrid(
             self, test_side, train_side, mode, feature, self._attributes("influences", mode)
         )
@@ -323,7 +335,7 @@ class SequentialInfluenceCalculator:
         test_side = FactorSide(z_test_factors, "z_test_factors")
         train = Loader(train_data_iterable, "train_data_iterable")
         train_side = LoaderSide(train, lambda x, y: self.model.train_representation(x, y, mode))
-        feature = train.feature_shape if mode is InfluenceMode.Perturbation else ()
+        feature = _perturbation_shape(train, mode)
         grid = _InfluenceGrid(
             self, test_side, train_side, mode, feature, self._attributes("influences", mode)
         )
@@ -337,7 +349,7 @@ class SequentialInfluenceCalculator:
         self._require_fitted("self_influences")
         mode = self._mode(mode, "self_influences")
         loader = Loader(data_iterable, "data_iterable")
-        feature = loader.feature_shape if mode is InfluenceMode.Perturbation else ()
+        feature = _perturbation_shape(loader, mode)
         source = _ChunkMap(
             loader,
             lambda x, y: self.model.self_influences(x, y, mode),

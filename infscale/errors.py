@@ -126,3 +126,29 @@ class NonFiniteError(UserFixableError, ValueError):
     """NaN or infinite values where numbers must be finite: in the data, the model's parameters,
     the loss, or a computed result. The message names where (which batch, rows or parameter).
     Nothing is written to a store once such a value is seen."""
+
+
+__all__ += ["BatchFormatError", "FeatureShapeError", "ModelInputError", "TrainingModeError"]
+
+
+class BatchFormatError(UserFixableError, ValueError, TypeError):
+    """Data that infscale cannot read without guessing: a batch that is neither ``(x, y)`` nor a
+    mapping with ``"labels"``, features that are neither a tensor nor a mapping of tensors, tensors
+    whose numbers of rows differ, or a mapping where a query needs a tensor (perturbation mode).
+    Also a ``TypeError``, as a wrong kind of argument was before."""
+
+
+class FeatureShapeError(UserFixableError, ValueError):
+    """Query features whose shape (or, for a mapping, keys) differ from those the model was fitted on."""
+
+
+class ModelInputError(UserFixableError, ValueError):
+    """The user's model or loss failed (or warned that it broadcasts) on the given data, checked once on
+    the first batch at ``fit`` and on the first row of each new kind of query input. The message names
+    the argument, its shape and dtype, and the original error (chained as ``__cause__``)."""
+
+
+class TrainingModeError(UserFixableError, ValueError):
+    """The model is in training mode and holds modules whose function differs in training mode
+    (dropout, batch norm, or any module whose ``forward`` reads ``self.training``): influences need
+    the deterministic function, so call ``model.eval()``. infscale never changes the model's mode."""

@@ -1,20 +1,26 @@
 """The two sides of an influence grid: re-iterable loaders of (x, y) batches with their sizes,
 and what each side yields per batch (computed from a loader, or factors given by the user).
 
-Used by ``SequentialInfluenceCalculator``; framework-free (batches are arrays or tensors).
+A batch is a tuple or list ``(x, y)``, or a mapping whose ``"labels"`` are y and whose other
+entries are x (the HuggingFace convention); x is an array/tensor or a mapping of them, each with
+the batch dimension first. Used by ``SequentialInfluenceCalculator``; framework-free (batches are
+arrays or tensors).
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
+from .errors import BatchFormatError
 from .sequences import ChunkSource, LazyChunkSequence
 
-__all__ = ["Loader", "Side", "LoaderSide", "FactorSide", "nbytes"]
+__all__ = ["Loader", "Side", "LoaderSide", "FactorSide", "nbytes", "rows_of", "features_of"]
+
+LABELS = "labels"
 
 
 def nbytes(obj: Any) -> int:
@@ -30,16 +36,57 @@ def nbytes(obj: Any) -> int:
     return sys.getsizeof(obj)
 
 
+def rows_of(x: Any) -> int:
+    """The number of rows of x: dim 0 of an array, or of a mapping's first array."""
+    if isinstance(x, Mapping):
+        return int(next(iter(x.values())).shape[0])
+    return int(x.shape[0])
+
+
+def _floating(a: Any) -> bool:
+    if hasattr(a, "is_floating_point"):  # a torch tensor
+        return bool(a.is_floating_point())
+    return np.dtype(a.dtype).kind in "fc"
+
+
+def features_of(x: Any) -> Any:
+    """What must match between test and training inputs (as the torch models check it): the feature
+    shape of a floating-point array, the number of feature dimensions of an integer one (token ids
+    may be padded to other lengths), and for a mapping the same per key."""
+
+    def one(a: Any) -> Any:
+        return tuple(a.shape[1:]) if _floating(a) else f"{len(a.shape) - 1}-d integer features"
+
+    if isinstance(x, Mapping):
+        return {k: one(v) for k, v in x.items()}
+    return one(x)
+
+
 def _split(batch: Any, name: str, index: int) -> tuple[Any, Any]:
-    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+    if isinstance(batch, Mapping) and LABELS in batch:
+        x, y = {k: v for k, v in batch.items() if k != LABELS}, batch[LABELS]
+    elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+        x, y = batch
+    else:
         what = f"a {type(batch).__name__}" + (
             f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
         )
-        raise ValueError(f"{name} must yield (x, y) batches; batch {index} is {what}.")
-    x, y = batch[0], batch[1]
-    if not hasattr(x, "shape") or len(x.shape) == 0:
-        raise ValueError(
-            f"{name} must yield (x, y) batches of arrays; x of batch {index} is {type(x).__name__}."
+        if isinstance(batch, Mapping):
+            what += f" with keys {list(batch)} and no {LABELS!r}"
+        raise BatchFormatError(
+            f"{name} must yield (x, y) batches; batch {index} is {what} (a mapping batch holds its "
+            f"targets under {LABELS!r})."
+        )
+    arrays = list(x.values()) if isinstance(x, Mapping) else [x]
+    if not arrays or any(not hasattr(a, "shape") or len(a.shape) == 0 for a in arrays):
+        raise BatchFormatError(
+            f"{name} must yield (x, y) batches of arrays, x an array or a mapping of arrays; x of batch "
+            f"{index} is {type(x).__name__}."
+        )
+    if len({a.shape[0] for a in arrays}) > 1:
+        rows = {k: v.shape[0] for k, v in x.items()}
+        raise BatchFormatError(
+            f"{name}: the arrays of x in batch {index} have different numbers of rows {rows}."
         )
     return x, y
 
@@ -71,7 +118,10 @@ class Loader:
         except StopIteration:
             raise ValueError(f"{name} is empty: it yielded no batch.") from None
         self.first_x, _ = _split(first, name, 0)
-        self.feature_shape = tuple(self.first_x.shape[1:])
+        self.mapping = isinstance(self.first_x, Mapping)
+        #: the feature shape of array inputs (for perturbation results); None for a mapping
+        self.feature_shape = None if self.mapping else tuple(self.first_x.shape[1:])
+        self.features = features_of(self.first_x)
 
     def sizes(self) -> list[int]:
         """Rows per batch: from ``len(loader.sampler)`` (or ``len(loader.dataset)``) and
@@ -79,7 +129,7 @@ class Loader:
         if self._sizes is None:
             self._sizes = self._sizes_from_lengths()
             if self._sizes is None:
-                self._sizes = [int(_split(b, self.name, i)[0].shape[0]) for i, b in enumerate(self.loader)]
+                self._sizes = [rows_of(_split(b, self.name, i)[0]) for i, b in enumerate(self.loader)]
         return self._sizes
 
     def _sizes_from_lengths(self) -> list[int] | None:
@@ -115,10 +165,10 @@ class Loader:
             if i not in remaining:
                 continue
             x, y = _split(batch, self.name, i)
-            if i >= len(sizes) or x.shape[0] != sizes[i]:
+            if i >= len(sizes) or rows_of(x) != sizes[i]:
                 expected = sizes[i] if i < len(sizes) else "no batch"
                 raise RuntimeError(
-                    f"{self.name} yielded {x.shape[0]} rows as batch {i}, expected {expected}: every "
+                    f"{self.name} yielded {rows_of(x)} rows as batch {i}, expected {expected}: every "
                     "pass over a loader must yield the same batches."
                 )
             remaining.discard(i)

@@ -20,22 +20,30 @@ How the work is laid out (see ``docs/parallel.md``):
 
 from __future__ import annotations
 
-import pickle
-import uuid
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
-import cloudpickle
-import dask
 import dask.array as da
 import numpy as np
 from dask.base import tokenize
-from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 from .base import InfluenceFunctionModel, InfluenceMode, numpy_dtype
+from .dask_tasks import (
+    _arrays,
+    _block_key,
+    _factors_task,
+    _graph_object,
+    _lead,
+    _product_task,
+    _representation_task,
+    _rows_key,
+    _self_influences_task,
+)
 from .dask_writer import BLOCK_AXES, dask_to_zarr
 from .errors import (
+    BatchFormatError,
     InvalidDimensionChunksError,
     NotFittedError,
     ThreadSafetyViolationError,
@@ -69,110 +77,6 @@ class DisableClientSingleThreadCheck:
             "If the model is not thread-safe, compute only with one thread per worker, e.g. "
             '.compute(scheduler="synchronous") or a Client(threads_per_worker=1).'
         )
-
-
-def _block_key(array: da.Array, row_block: int) -> tuple:
-    return (array.name, row_block) + (0,) * (array.ndim - 1)
-
-
-class _Unpickled:
-    """An object unpickled from ``blob`` on a worker: unpacks like the object (a tuple).
-
-    Pickling it (when the scheduler moves it to another worker) sends ``blob`` again, never the
-    live object, which a task in another thread of the sending worker may be using: a torch
-    model in the middle of a forward pass carries that pass's hooks and reparametrized
-    tensors, and a copy taken then fails on the receiving worker (measured: KeyError on a
-    forward-hook record).
-    """
-
-    __slots__ = ("blob", "value")
-
-    def __init__(self, blob: bytes):
-        self.blob = blob
-        self.value = pickle.loads(blob)
-
-    def __reduce__(self):
-        return (_Unpickled, (self.blob,))
-
-    def __iter__(self):
-        return iter(self.value)
-
-    def __sizeof__(self) -> int:  # what dask counts for memory: about twice the pickled size
-        return 2 * len(self.blob)
-
-
-def _unpickle(blob: bytes) -> _Unpickled:
-    return _Unpickled(blob)
-
-
-def _graph_object(obj: Any, name: str) -> Delayed:
-    """``obj`` as one key of a task graph, for every task that needs it to depend on.
-
-    The object is pickled once, now (a snapshot), into a bytes key; a second key
-    unpickles it where it is first needed (an ``_Unpickled``: tasks unpack it like the
-    object, and moving it to another worker sends the snapshot's bytes, not the live
-    object). The scheduler moves it to each worker once, never needs the object's
-    libraries itself, and can rebuild it from the graph if every worker holding it dies
-    (unlike a scattered future).
-    """
-    token = uuid.uuid4().hex
-    blob = dask.delayed(cloudpickle.dumps(obj), name=f"{name}-pickle-{token}", pure=True, traverse=False)
-    return dask.delayed(_unpickle, pure=True)(blob, dask_key_name=f"{name}-{token}")
-
-
-# --------------------------------------------------------------- task functions
-# Module-level functions (pickled by reference; this module does not import torch, so
-# neither does the scheduler). Each takes (model, converter) as its first argument:
-# the scheduler replaces that key with the object on the worker.
-
-
-def _to_host(obj: Any, converter: Any) -> Any:
-    """Tensors (possibly in tuples/lists) → numpy arrays, so that dask can size and ship them."""
-    if isinstance(obj, np.ndarray):
-        return obj
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to_host(o, converter) for o in obj)
-    return converter.to_numpy(obj) if hasattr(obj, "detach") else obj
-
-
-def _from_host(obj: Any, converter: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        return converter.from_numpy(obj)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_from_host(o, converter) for o in obj)
-    return obj
-
-
-def _call(bundle: tuple, *args: Any) -> Any:
-    """``bundle[0](*bundle[1:], *args)``: runs a function that travelled inside a pickled key."""
-    function, *bound = bundle
-    return function(*bound, *args)
-
-
-def _factors_task(state, dtype, x, y):
-    model, converter = state
-    factors = model.influence_factors(converter.from_numpy(x), converter.from_numpy(y))
-    return np.asarray(converter.to_numpy(factors), dtype=dtype)
-
-
-def _representation_task(state, mode, x, y):
-    model, converter = state
-    representation = model.train_representation(converter.from_numpy(x), converter.from_numpy(y), mode)
-    return _to_host(representation, converter)
-
-
-def _product_task(state, mode, dtype, factors, representation):
-    model, converter = state
-    values = model.influences_from_representation(
-        converter.from_numpy(factors), _from_host(representation, converter), mode
-    )
-    return np.asarray(converter.to_numpy(values), dtype=dtype)
-
-
-def _self_influences_task(state, mode, dtype, x, y):
-    model, converter = state
-    values = model.self_influences(converter.from_numpy(x), converter.from_numpy(y), mode)
-    return np.asarray(converter.to_numpy(values), dtype=dtype)
 
 
 def check_thread_safety(model: Any, client: Any) -> None:
@@ -296,6 +200,12 @@ class DaskInfluenceCalculator:
             raise InvalidDimensionChunksError(name, array.chunks)
 
     def _check_pair(self, x: Any, y: Any, method: str, x_name: str = "x", y_name: str = "y") -> None:
+        if isinstance(x, Mapping):  # features for model(**x): a dict of arrays with y's row chunks
+            if not x:
+                raise BatchFormatError(f"DaskInfluenceCalculator.{method}(): {x_name} is an empty dict.")
+            for k, v in x.items():
+                self._check_pair(v, y, method, f"{x_name}[{k!r}]", y_name)
+            return
         self._check_array(x, x_name, method)
         self._check_array(y, y_name, method)
         if x.shape[0] != y.shape[0]:
@@ -312,21 +222,28 @@ class DaskInfluenceCalculator:
                 f"model was fitted on inputs of feature shape {tuple(fitted)}."
             )
 
+    def _check_perturbation(self, x: Any, mode: InfluenceMode, method: str) -> None:
+        if mode is InfluenceMode.Perturbation and isinstance(x, Mapping):
+            raise BatchFormatError(
+                f"DaskInfluenceCalculator.{method}(): mode='perturbation' differentiates with respect to "
+                "x and needs one array; got a dict of arrays. Use mode='up'."
+            )
+
     def _parse_mode(self, mode: Any, method: str) -> InfluenceMode:
         return InfluenceMode.parse(mode, type(self), method)
 
     # ------------------------------------------------------------ graph pieces
     def _factor_tasks(self, x: da.Array, y: da.Array) -> tuple[str, dict]:
-        name = "influence-factors-" + tokenize(self._state.key, x.name, y.name)
+        name = "influence-factors-" + tokenize(self._state.key, [a.name for a in _arrays(x)], y.name)
         layer = {
             (name, i, 0): (
                 _factors_task,
                 self._state.key,
                 self.dtype,
-                _block_key(x, i),
+                _rows_key(x, i),
                 _block_key(y, i),
             )
-            for i in range(len(x.chunks[0]))
+            for i in range(len(_lead(x).chunks[0]))
         }
         return name, layer
 
@@ -340,17 +257,17 @@ class DaskInfluenceCalculator:
         y: da.Array,
         mode: InfluenceMode,
     ) -> da.Array:
-        token = tokenize(self._state.key, factor_name, x.name, y.name, mode.value)
+        token = tokenize(self._state.key, factor_name, [a.name for a in _arrays(x)], y.name, mode.value)
         rep_name = f"influence-train-representation-{token}"
         out_name = f"influences-{mode.value}-{token}"
         feature_zeros = (0,) * (x.ndim - 1) if mode is InfluenceMode.Perturbation else ()
-        n_train_blocks = len(x.chunks[0])
+        n_train_blocks = len(_lead(x).chunks[0])
         rep_layer = {
             (rep_name, j): (
                 _representation_task,
                 self._state.key,
                 mode.value,
-                _block_key(x, j),
+                _rows_key(x, j),
                 _block_key(y, j),
             )
             for j in range(n_train_blocks)
@@ -369,9 +286,9 @@ class DaskInfluenceCalculator:
         }
         layers = {**(factor_layer or {}), **rep_layer, **out_layer}
         graph = HighLevelGraph.from_collections(
-            out_name, layers, dependencies=[self._state, x, y, *factor_dependencies]
+            out_name, layers, dependencies=[self._state, *_arrays(x), y, *factor_dependencies]
         )
-        chunks = (test_chunks, x.chunks[0])
+        chunks = (test_chunks, _lead(x).chunks[0])
         if mode is InfluenceMode.Perturbation:
             chunks = chunks + tuple((d,) for d in x.shape[1:])
         return da.Array(graph, out_name, chunks, meta=np.empty((0,) * len(chunks), dtype=self.dtype))
@@ -387,9 +304,10 @@ class DaskInfluenceCalculator:
         self._check_client_open()
         self._check_pair(x, y, "influence_factors")
         name, layer = self._factor_tasks(x, y)
-        graph = HighLevelGraph.from_collections(name, layer, dependencies=[self._state, x, y])
+        graph = HighLevelGraph.from_collections(name, layer, dependencies=[self._state, *_arrays(x), y])
         n_parameters = int(self.model.n_parameters)
-        return da.Array(graph, name, (x.chunks[0], (n_parameters,)), meta=np.empty((0, 0), dtype=self.dtype))
+        chunks = (_lead(x).chunks[0], (n_parameters,))
+        return da.Array(graph, name, chunks, meta=np.empty((0, 0), dtype=self.dtype))
 
     def influences_from_factors(
         self,
@@ -420,6 +338,7 @@ class DaskInfluenceCalculator:
                 f"(n_test, {n_parameters}); got {z_test_factors.shape}."
             )
         self._check_pair(x, y, "influences_from_factors")
+        self._check_perturbation(x, mode, "influences_from_factors")
         factors = z_test_factors
         if factors.dtype != self.dtype:
             factors = factors.astype(self.dtype)
@@ -460,13 +379,22 @@ class DaskInfluenceCalculator:
             x, y = x_test, y_test
         else:
             self._check_pair(x, y, "influences")
-            if x.shape[1:] != x_test.shape[1:]:
+            if isinstance(x, Mapping) or isinstance(x_test, Mapping):
+                if not (isinstance(x, Mapping) and isinstance(x_test, Mapping) and set(x) == set(x_test)):
+                    raise ValueError(
+                        "DaskInfluenceCalculator.influences(): x_test and x must both be arrays or both "
+                        "dicts of arrays with the same keys."
+                    )
+            elif x.shape[1:] != x_test.shape[1:]:
                 raise ValueError(
                     f"DaskInfluenceCalculator.influences(): x_test has feature shape {x_test.shape[1:]} "
                     f"but x has feature shape {x.shape[1:]}; they must be the same."
                 )
+        self._check_perturbation(x, mode, "influences")
         factor_name, factor_layer = self._factor_tasks(x_test, y_test)
-        return self._product_array(factor_name, factor_layer, [x_test, y_test], x_test.chunks[0], x, y, mode)
+        return self._product_array(
+            factor_name, factor_layer, [*_arrays(x_test), y_test], _lead(x_test).chunks[0], x, y, mode
+        )
 
     def self_influences(
         self, x: da.Array, y: da.Array, mode: InfluenceMode | str = InfluenceMode.Up
@@ -481,7 +409,10 @@ class DaskInfluenceCalculator:
         self._check_client_open()
         mode = self._parse_mode(mode, "self_influences")
         self._check_pair(x, y, "self_influences")
-        name = f"self-influences-{mode.value}-" + tokenize(self._state.key, x.name, y.name)
+        self._check_perturbation(x, mode, "self_influences")
+        name = f"self-influences-{mode.value}-" + tokenize(
+            self._state.key, [a.name for a in _arrays(x)], y.name
+        )
         feature_zeros = (0,) * (x.ndim - 1) if mode is InfluenceMode.Perturbation else ()
         layer = {
             (name, i, *feature_zeros): (
@@ -489,13 +420,13 @@ class DaskInfluenceCalculator:
                 self._state.key,
                 mode.value,
                 self.dtype,
-                _block_key(x, i),
+                _rows_key(x, i),
                 _block_key(y, i),
             )
-            for i in range(len(x.chunks[0]))
+            for i in range(len(_lead(x).chunks[0]))
         }
-        graph = HighLevelGraph.from_collections(name, layer, dependencies=[self._state, x, y])
-        chunks = (x.chunks[0],)
+        graph = HighLevelGraph.from_collections(name, layer, dependencies=[self._state, *_arrays(x), y])
+        chunks = (_lead(x).chunks[0],)
         if mode is InfluenceMode.Perturbation:
             chunks = chunks + tuple((d,) for d in x.shape[1:])
         return da.Array(graph, name, chunks, meta=np.empty((0,) * len(chunks), dtype=self.dtype))

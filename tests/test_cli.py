@@ -513,6 +513,10 @@ def _instances() -> dict[type, BaseException]:
         errors.StoreExistsError: errors.StoreExistsError("exists"),
         errors.StoreMismatchError: errors.StoreMismatchError("mismatch"),
         errors.NonFiniteError: errors.NonFiniteError("x_test rows [3] hold NaN"),
+        errors.BatchFormatError: errors.BatchFormatError("batch 0 is a tuple of 3; expected (x, y)"),
+        errors.FeatureShapeError: errors.FeatureShapeError("x_test has 5 features; fitted on 4"),
+        errors.ModelInputError: errors.ModelInputError("x (int64) could not go through the model"),
+        errors.TrainingModeError: errors.TrainingModeError("call model.eval()"),
     }
 
 

@@ -29,6 +29,7 @@ BOXES: dict[int, tuple[str, ...]] = {
         "infscale.calculator",
         "infscale.parallel",
         "infscale.dask_writer",
+        "infscale.dask_tasks",
         "infscale.array",
     ),
     2: (
@@ -45,6 +46,7 @@ BOXES: dict[int, tuple[str, ...]] = {
         "infscale.torch.functional",
         "infscale.torch.util",
         "infscale.torch.dask_data",
+        "infscale.torch.validation",
         "infscale.torch.base",
     ),
     3: ("infscale.torch.",),  # every other module of infscale.torch: one file per method

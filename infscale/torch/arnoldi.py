@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..base import InfluenceMode
 from .base import TorchInfluenceFunctionModel
+from .data import batch_size_of, take_rows
 from .factored import FactoredGradients
 from .layout import BlockMode, LossFunction, SecondOrderMode, _Block
 from .linalg import not_positive_definite
@@ -323,14 +324,14 @@ class ArnoldiInfluence(TorchInfluenceFunctionModel):
         chunk = self._chunk()
         basis = self._block_rows(self.eigenvectors)
         parts = []
-        for s in range(0, len(x), chunk):
-            gradients = self._engine.factored(x[s : s + chunk], y[s : s + chunk], chunk)
+        for s in range(0, batch_size_of(x), chunk):
+            gradients = self._engine.factored(take_rows(x, slice(s, s + chunk)), y[s : s + chunk], chunk)
             if isinstance(gradients, FactoredGradients):  # never forms the (chunk, p) gradients
                 parts.append(self._engine.products(basis, gradients).T)
             else:
                 parts.append(self._project(gradients))
         if not parts:
-            return x.new_zeros((0, basis.shape[0]), dtype=self.dtype)
+            return basis.new_zeros((0, basis.shape[0]))
         return torch.cat(parts)
 
     def _influences(self, x_test, y_test, x, y, mode, symmetric) -> Tensor:

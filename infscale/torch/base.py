@@ -29,6 +29,8 @@ may override (methods; each default is documented where it is defined)
     ``_chunk()``: samples per chunk of per-sample gradients. Default: ``gradient_chunk_size``, or
         as many as fit in ``memory.GRADIENT_BYTES``.
     ``_check_xy(x, y, ...)``: input checks (extend, calling super()).
+    ``_check_targets(y, y_name, where)``: a method's own target checks, run before the probe of
+        the model and loss (``validation.probe``). Default: none.
 
 The gradient engine (``self._engine``, every trainable parameter; ``_block_engine(block)`` per
 block) is built once in ``__init__`` and reads the parameters' current values at every call.
@@ -46,7 +48,7 @@ from torch import Tensor, nn
 
 from ..base import InfluenceFunctionModel, InfluenceMode
 from .curvature import CurvatureOperator
-from .data import loader_batches, split_batch
+from .data import Features, check_finite, loader_batches, split_batch, to_device
 from .gradients import FactoredGradients, GradientEngine
 from .layout import (
     BlockMode,
@@ -60,6 +62,16 @@ from .layout import (
 from .memory import default_chunk_size
 from .perturbation import perturbation_influences, self_perturbation_influences
 from .settings import Configurable
+from .validation import (
+    FeatureSpec,
+    StateCheck,
+    check_eval_mode,
+    check_query,
+    check_result,
+    input_signature,
+    probe,
+    require_tensor_features,
+)
 
 __all__ = ["TorchInfluenceFunctionModel"]
 
@@ -129,7 +141,10 @@ class TorchInfluenceFunctionModel(Configurable, InfluenceFunctionModel[Tensor, I
             for b in self.layout.blocks
         }
         self._fitted = False
-        self._feature_shape: torch.Size | None = None
+        self._feature_shape: tuple[int, ...] | None = None  # of tensor features; None for a mapping
+        self._feature_spec: FeatureSpec | None = None
+        self._state_check = StateCheck()
+        self._probed: set[tuple] = set()  # kinds of query inputs the model and loss ran on
         self.n_train: int | None = None
 
     # ------------------------------------------------------------------ contract
@@ -156,10 +171,14 @@ class TorchInfluenceFunctionModel(Configurable, InfluenceFunctionModel[Tensor, I
         return self.layout.device
 
     def fit(self, data: Iterable) -> TorchInfluenceFunctionModel:
-        """Fit on the training data: an iterable of batches (x, y, ...), e.g. a DataLoader.
+        """Fit on the training data: an iterable of batches ``(x, y)`` or mappings with "labels",
+        x a tensor or a mapping of tensors (``infscale.torch.data``), e.g. a DataLoader. Returns self.
 
-        Returns self. Raises ValueError for empty data or batches that are not (x, y).
+        Raises: ValueError (empty data), TypeError (not iterable), and before computing anything
+        BatchFormatError, TrainingModeError, NonFiniteError, ModelInputError (``validation``).
         """
+        where = self._where("fit")
+        self._check_model(where)
         try:
             first = next(iter(loader_batches(data)))
         except StopIteration:
@@ -168,8 +187,14 @@ class TorchInfluenceFunctionModel(Configurable, InfluenceFunctionModel[Tensor, I
             raise TypeError(
                 f"data must be an iterable of (x, y) batches, e.g. a DataLoader; got {type(data).__name__}."
             ) from None
-        x, y = split_batch(first, "each batch of data")
-        self._feature_shape = tuple(x.shape[1:])
+        x, y = self._to_device(*split_batch(first, "each batch of data (batch 0)"))
+        check_finite(x, "x", f"{where} data batch 0")
+        check_finite(y, "y", f"{where} data batch 0")
+        self._check_targets(y, "the training labels", where)
+        probe(self.model, self.loss, x, y, f"{where} on data batch 0", "x", "y")
+        self._feature_spec = FeatureSpec.of(x)
+        self._feature_shape = self._feature_spec.feature_shape
+        self._probed = {input_signature(x, y)}
         self._fit(data)
         self._fitted = True
         return self
@@ -183,34 +208,42 @@ class TorchInfluenceFunctionModel(Configurable, InfluenceFunctionModel[Tensor, I
         raise NotImplementedError
 
     # ------------------------------------------------------------------ helpers
-    def _to_device(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """(x, y) as tensors on the model's device; floating ones in the model's dtype."""
-        x = torch.as_tensor(x)
-        y = torch.as_tensor(y)
-        x = x.to(self.device, self.dtype if x.is_floating_point() else x.dtype)
-        y = y.to(self.device, self.dtype if y.is_floating_point() else y.dtype)
-        return x, y
+    def _to_device(self, x: Features, y: Tensor) -> tuple[Features, Tensor]:
+        """(x, y) on the model's device; floating-point tensors in the model's dtype."""
+        return to_device(x, self.device, self.dtype), to_device(y, self.device, self.dtype)
+
+    def _fitted_spec(self) -> FeatureSpec | None:
+        if self._feature_spec is None and self._feature_shape is not None:  # e.g. a loaded model
+            return FeatureSpec(False, ((None, tuple(self._feature_shape), True),))
+        return self._feature_spec
 
     def _check_xy(self, x: Any, y: Any, method: str, x_name: str = "x", y_name: str = "y"):
-        """Hook: checks a query's (x, y) and moves them to the model's device and dtype. Default:
-        tensors with the same number of rows and the fitted feature shape. Extend via super()."""
-        for value, name in ((x, x_name), (y, y_name)):
-            if not isinstance(value, Tensor):
-                raise TypeError(
-                    f"{type(self).__name__}.{method}(): {name} must be a torch.Tensor; "
-                    f"got {type(value).__name__}."
-                )
-        if x.ndim == 0 or y.ndim == 0 or x.shape[0] != y.shape[0]:
-            raise ValueError(
-                f"{type(self).__name__}.{method}(): {x_name} and {y_name} must have the same number "
-                f"of rows; got {x_name} of shape {tuple(x.shape)} and {y_name} of shape {tuple(y.shape)}."
-            )
-        if self._feature_shape is not None and tuple(x.shape[1:]) != self._feature_shape:
-            raise ValueError(
-                f"{type(self).__name__}.{method}(): {x_name} has feature shape {tuple(x.shape[1:])}, "
-                f"but the model was fitted on inputs of feature shape {self._feature_shape}."
-            )
-        return self._to_device(x, y)
+        """Hook: checks a query's (x, y) (``infscale.torch.validation``: kinds, rows and features,
+        eval mode, finite parameters and inputs, the model and loss on the first row of each new kind
+        of input) and moves them to the model's device and dtype. Extend via super()."""
+        where = self._where(method)
+        check_query(x, y, self._fitted_spec(), where, x_name, y_name)
+        self._check_model(where)
+        x, y = self._to_device(x, y)
+        check_finite(x, x_name, where)
+        check_finite(y, y_name, where)
+        self._check_targets(y, y_name, where)
+        signature = input_signature(x, y)
+        if signature not in self._probed and y.shape[0]:
+            probe(self.model, self.loss, x, y, where, x_name, y_name, rows=1)
+            self._probed.add(signature)
+        return x, y
+
+    def _check_model(self, where: str) -> None:
+        check_eval_mode(self.model, where)
+        self._state_check(self.model, where)
+
+    def _check_targets(self, y: Tensor, y_name: str, where: str) -> None:
+        """Hook: a method's own checks of the targets, before the model and loss run on them."""
+
+    def _tensor_features(self, x: Features, mode: InfluenceMode, method: str, x_name: str = "x") -> None:
+        if mode is InfluenceMode.Perturbation:
+            require_tensor_features(x, self._where(method), x_name)
 
     def _block_engine(self, block: _Block) -> GradientEngine:
         """The per-sample gradient engine of one block's parameters (``self._engine`` when the
@@ -269,7 +302,7 @@ class TorchInfluenceFunctionModel(Configurable, InfluenceFunctionModel[Tensor, I
         """(H + λI)⁻¹ ∇ℓ(x_i, y_i) for every sample: shape (n, n_parameters)."""
         self._require_fitted("influence_factors")
         x, y = self._check_xy(x, y, "influence_factors")
-        return self._solve(self._gradients(x, y))
+        return check_result(self._solve(self._gradients(x, y)), self._where("influence_factors"), "x")
 
     def influences_from_factors(
         self, z_test_factors: Tensor, x: Tensor, y: Tensor, mode: InfluenceMode | str = InfluenceMode.Up
@@ -281,17 +314,21 @@ class TorchInfluenceFunctionModel(Configurable, InfluenceFunctionModel[Tensor, I
         """
         self._require_fitted("influences_from_factors")
         mode = self._parse_mode(mode, "influences_from_factors")
+        self._tensor_features(x, mode, "influences_from_factors")
         x, y = self._check_xy(x, y, "influences_from_factors")
         factors = self._check_factors(z_test_factors, "influences_from_factors")
         if mode is InfluenceMode.Up:
-            return self._from_gradients(factors, self._train_gradients(x, y))
-        return self._perturbation(factors, x, y)
+            result = self._from_gradients(factors, self._train_gradients(x, y))
+        else:
+            result = self._perturbation(factors, x, y)
+        return check_result(result, self._where("influences_from_factors"), "z_test_factors", "x")
 
     def train_representation(self, x: Tensor, y: Tensor, mode: InfluenceMode | str = InfluenceMode.Up):
         """Per-sample training gradients (up mode; a ``Tensor`` (n, ·)), or the checked
         (x, y) (perturbation mode), for ``influences_from_representation``."""
         self._require_fitted("train_representation")
         mode = self._parse_mode(mode, "train_representation")
+        self._tensor_features(x, mode, "train_representation")
         x, y = self._check_xy(x, y, "train_representation")
         if mode is InfluenceMode.Up:
             return self._train_gradients(x, y)
@@ -310,14 +347,17 @@ class TorchInfluenceFunctionModel(Configurable, InfluenceFunctionModel[Tensor, I
                     f"{type(self).__name__}.influences_from_representation(): the representation "
                     "was made in perturbation mode, but mode is 'up'."
                 )
-            return self._from_gradients(factors, representation)
-        if isinstance(representation, (Tensor, FactoredGradients)):
-            raise ValueError(
-                f"{type(self).__name__}.influences_from_representation(): the representation "
-                "was made in up mode, but mode is 'perturbation'."
-            )
-        x, y = representation
-        return self._perturbation(factors, x, y)
+            result = self._from_gradients(factors, representation)
+        else:
+            if isinstance(representation, (Tensor, FactoredGradients)):
+                raise ValueError(
+                    f"{type(self).__name__}.influences_from_representation(): the representation "
+                    "was made in up mode, but mode is 'perturbation'."
+                )
+            x, y = representation
+            result = self._perturbation(factors, x, y)
+        where = self._where("influences_from_representation")
+        return check_result(result, where, "z_test_factors", "the representation's training points")
 
     def _train_gradients(self, x: Tensor, y: Tensor) -> Tensor | FactoredGradients:
         """Hook: the training side of ``_from_gradients``. Default: per-sample gradients, in
@@ -332,7 +372,11 @@ class TorchInfluenceFunctionModel(Configurable, InfluenceFunctionModel[Tensor, I
                 f"{type(self).__name__}.{method}(): z_test_factors must be a tensor of shape "
                 f"(n_test, {self.n_parameters}); got {shape}."
             )
+        check_finite(factors, "z_test_factors", self._where(method))
         return factors.to(self.device, self.dtype)
+
+    def _where(self, method: str) -> str:
+        return f"{type(self).__name__}.{method}()"
 
     def influences(
         self,
@@ -363,9 +407,11 @@ class TorchInfluenceFunctionModel(Configurable, InfluenceFunctionModel[Tensor, I
                 "or neither to take the test set against itself."
             )
         symmetric = x is None
+        self._tensor_features(x_test if symmetric else x, mode, "influences", "x_test" if symmetric else "x")
         if not symmetric:
             x, y = self._check_xy(x, y, "influences")
-        return self._influences(x_test, y_test, x, y, mode, symmetric)
+        result = self._influences(x_test, y_test, x, y, mode, symmetric)
+        return check_result(result, self._where("influences"), "x_test", "x_test" if symmetric else "x")
 
     def _influences(self, x_test, y_test, x, y, mode, symmetric) -> Tensor:
         """Hook: a query after the checks. Default: factors by ``_solve``, then ``_from_gradients``
@@ -388,11 +434,16 @@ class TorchInfluenceFunctionModel(Configurable, InfluenceFunctionModel[Tensor, I
         (n, *feature_shape) in perturbation mode."""
         self._require_fitted("self_influences")
         mode = self._parse_mode(mode, "self_influences")
+        self._tensor_features(x, mode, "self_influences")
         x, y = self._check_xy(x, y, "self_influences")
         if mode is InfluenceMode.Up:
-            return self._self_influences_up(x, y)
-        factors = self._solve(self._gradients(x, y))
-        return self_perturbation_influences(self.layout, self.loss, factors, x, y, self.gradient_chunk_size)
+            result = self._self_influences_up(x, y)
+        else:
+            factors = self._solve(self._gradients(x, y))
+            result = self_perturbation_influences(
+                self.layout, self.loss, factors, x, y, self.gradient_chunk_size
+            )
+        return check_result(result, self._where("self_influences"), "x")
 
     def _self_influences_up(self, x: Tensor, y: Tensor) -> Tensor:
         """Hook: gᵢᵀ (H + λI)⁻¹ gᵢ for each row, (n,). Default: from ``_solve``; a method may use
@@ -416,6 +467,7 @@ class TorchInfluenceFunctionModel(Configurable, InfluenceFunctionModel[Tensor, I
         """``influences_from_factors`` per block; the total is the sum over blocks."""
         self._require_fitted("influences_from_factors_by_block")
         mode = self._parse_mode(mode, "influences_from_factors_by_block")
+        self._tensor_features(x, mode, "influences_from_factors_by_block")
         x, y = self._check_xy(x, y, "influences_from_factors_by_block")
         names = self.layout.block_names
         if not isinstance(z_test_factors, Mapping) or set(z_test_factors) != set(names):

@@ -17,9 +17,11 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
-__all__ = ["sample_loss", "vmap_gradients", "live_state", "capture_layer_calls"]
+from .data import add_batch_dim, batch_size_of, call_model, take_rows
+
+__all__ = ["sample_loss", "vmap_gradients", "loop_gradients", "live_state", "capture_layer_calls"]
 
 SampleLoss = Callable[[Mapping[str, Tensor], Mapping[str, Tensor], Tensor, Tensor], Tensor]
 
@@ -29,7 +31,7 @@ def sample_loss(model: nn.Module, loss) -> SampleLoss:
     model's state taken from ``fixed`` and ``params`` (the latter varying)."""
 
     def f(params: Mapping[str, Tensor], fixed: Mapping[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
-        out = functional_call(model, {**fixed, **params}, (xi.unsqueeze(0),))
+        out = call_model(model, add_batch_dim(xi), {**fixed, **params})
         return loss(out, yi.unsqueeze(0))
 
     return f
@@ -41,6 +43,24 @@ def vmap_gradients(
     """Per-sample gradients of ``loss`` with respect to ``params`` by ``vmap(grad)``: name →
     (n, *shape)."""
     return vmap(grad(sample_loss(model, loss)), in_dims=(None, None, 0, 0))(params, fixed, x, y)
+
+
+def loop_gradients(
+    model: nn.Module, loss, params: Mapping[str, Tensor], fixed: Mapping[str, Tensor], x, y: Tensor
+) -> dict[str, Tensor]:
+    """The same as ``vmap_gradients`` by plain autograd, one batch of one (rows i:i+1 of x, with their
+    padding) at a time: for models ``vmap`` cannot trace (data-dependent control flow)."""
+    out = {name: p.new_zeros(batch_size_of(x), *p.shape) for name, p in params.items()}
+    for i in range(batch_size_of(x)):
+        state = live_state(params, fixed)
+        names = [name for name in params if state[name].requires_grad]
+        with torch.enable_grad():
+            value = loss(call_model(model, take_rows(x, i), state), y[i : i + 1])
+            grads = torch.autograd.grad(value, [state[name] for name in names], allow_unused=True)
+        for name, g in zip(names, grads):
+            if g is not None:
+                out[name][i] = g
+    return out
 
 
 def live_state(params: Mapping[str, Tensor], fixed: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -67,7 +87,7 @@ def capture_layer_calls(
     handles = [m.register_forward_hook(hook) for m in dict.fromkeys(modules)]
     try:
         with torch.enable_grad():
-            outputs = functional_call(model, dict(state), (x,))
+            outputs = call_model(model, x, state)
     finally:
         for h in handles:
             h.remove()

@@ -8,9 +8,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
-from .data import ToDevice, device_batches, merged_batches
+from .data import ToDevice, batch_size_of, call_model, device_batches, merged_batches, take_rows
 from .factored import FactoredGradients
 from .gradients import GradientEngine
 from .layout import LossFunction, ParameterLayout, SecondOrderMode, _Block, parse_enum
@@ -79,7 +79,7 @@ class CurvatureOperator:
     def _gradients(self, x: Tensor, y: Tensor) -> tuple[GradientEngine, FactoredGradients | Tensor]:
         """The block's per-sample gradients of one batch (factored where the model allows)."""
         engine = self._engine
-        return engine, engine.factored(x, y, default_chunk_size(engine.size, x.element_size()))
+        return engine, engine.factored(x, y, default_chunk_size(engine.size, self.layout.dtype.itemsize))
 
     @property
     def size(self) -> int:
@@ -93,7 +93,7 @@ class CurvatureOperator:
         if self.mode is SecondOrderMode.EMPIRICAL_FISHER:
             # (1/b) Gᵀ (G v): two products with the batch's per-sample gradients
             engine, G = self._gradients(x, y)
-            b = x.shape[0]
+            b = batch_size_of(x)
 
             def fisher_products(V: Tensor) -> Tensor:
                 return engine.weighted_sums(engine.products(V, G), G) / b
@@ -102,7 +102,7 @@ class CurvatureOperator:
         if self.mode is SecondOrderMode.HESSIAN:
             # reverse over reverse: the vector-Jacobian product of the batch gradient
             def f(params):
-                return loss(functional_call(model, {**fixed, **params}, (x,)), y)
+                return loss(call_model(model, x, {**fixed, **params}), y)
 
             _, hvp = vjp(grad(f), self.params)
 
@@ -113,7 +113,7 @@ class CurvatureOperator:
             return hessian_products
 
         def outputs(params):
-            return functional_call(model, {**fixed, **params}, (x,))
+            return call_model(model, x, {**fixed, **params})
 
         out, vjp_fn = vjp(outputs, self.params)
         out = out.detach()
@@ -139,7 +139,7 @@ class CurvatureOperator:
         total = torch.zeros_like(V)
         n = 0
         for x, y in self._batches():
-            b = x.shape[0]
+            b = batch_size_of(x)
             products = self._batch_products(x, y)
             chunk = self.vector_chunk or vector_chunk(b)
             for s in range(0, V.shape[0], chunk):
@@ -174,7 +174,7 @@ class CurvatureOperator:
             # reverse over reverse: the vector-Jacobian product of ∂L/∂θ_j over θ_j, θ_j+1, …
             def gradient_j(ps: dict[str, Tensor]) -> Tensor:
                 def f(pj: Tensor) -> Tensor:
-                    return loss(functional_call(model, {**const, **ps, name_j: pj}, (x,)), y)
+                    return loss(call_model(model, x, {**const, **ps, name_j: pj}), y)
 
                 return grad(f)(ps[name_j])
 
@@ -187,10 +187,10 @@ class CurvatureOperator:
             return hessian_rows
 
         def outputs_rows(ps):
-            return functional_call(model, {**const, **ps}, (x,))
+            return call_model(model, x, {**const, **ps})
 
         def outputs_j(pj):
-            return functional_call(model, {**const, **others, name_j: pj}, (x,))
+            return call_model(model, x, {**const, **others, name_j: pj})
 
         out, vjp_fn = vjp(outputs_rows, {**others, name_j: p_j})
         out = out.detach()
@@ -208,12 +208,12 @@ class CurvatureOperator:
         """(1/n) Σᵢ gᵢ gᵢᵀ accumulated into H, per-sample gradients a bounded chunk of rows at a time."""
         n = 0
         for x, y in self._batches():
-            rows = default_chunk_size(H.shape[0], x.element_size())
-            for s in range(0, x.shape[0], rows):
-                engine, G = self._gradients(x[s : s + rows], y[s : s + rows])
+            rows = default_chunk_size(H.shape[0], H.element_size())
+            for s in range(0, batch_size_of(x), rows):
+                engine, G = self._gradients(take_rows(x, slice(s, s + rows)), y[s : s + rows])
                 G = engine.to_dense(G)
                 H.addmm_(G.T, G)
-            n += x.shape[0]
+            n += batch_size_of(x)
         self.n_products += 1
         if n == 0:
             raise ValueError("the training data is empty: it yielded no samples.")
@@ -236,7 +236,7 @@ class CurvatureOperator:
         columns = list(layout.offsets(block).values())
         n = 0
         for x, y in self._batches():
-            b = x.shape[0]
+            b = batch_size_of(x)
             chunk = self.vector_chunk or vector_chunk(b)
             for j, numel in enumerate(block.numels):
                 o = columns[j].start

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import dask.array as da
@@ -11,23 +12,56 @@ import numpy as np
 import torch
 from dask.highlevelgraph import HighLevelGraph
 
-from ..parallel import _call, _graph_object
+from ..dask_tasks import _call, _graph_object
+from ..errors import BatchFormatError
 
 __all__ = ["torch_dataset_to_dask_array"]
 
 
+def _parts(sample: Any) -> tuple[Any, ...]:
+    """A dataset sample as its components: (x, y, ...), a lone tensor, or for a mapping with
+    "labels" (x, labels) with x the rest of the mapping; any component may be a mapping."""
+    if isinstance(sample, Mapping):
+        if "labels" in sample:
+            return ({k: v for k, v in sample.items() if k != "labels"}, sample["labels"])
+        return (sample,)
+    return tuple(sample) if isinstance(sample, (tuple, list)) else (sample,)
+
+
+def _leaves(sample: Any) -> list[tuple[tuple[int, str | None], torch.Tensor]]:
+    """((component, key), tensor) for every tensor of a sample, in order (key None: not a mapping)."""
+    out = []
+    for c, part in enumerate(_parts(sample)):
+        items = part.items() if isinstance(part, Mapping) else [(None, part)]
+        out.extend(((c, k), torch.as_tensor(v).detach()) for k, v in items)
+    return out
+
+
 def _components(sample: Any) -> tuple[torch.Tensor, ...]:
-    """A dataset sample as a tuple of tensors: (x, y, ...) or a lone tensor."""
-    parts = tuple(sample) if isinstance(sample, (tuple, list)) else (sample,)
-    return tuple(torch.as_tensor(p).detach() for p in parts)
+    """A dataset sample as a tuple of tensors, mappings flattened key by key (see ``_leaves``)."""
+    return tuple(t for _, t in _leaves(sample))
 
 
 def _read_rows(dataset: Any, start: int, stop: int, dtypes: tuple[np.dtype, ...]) -> tuple[np.ndarray, ...]:
-    """Rows start..stop-1 of the dataset, one stacked numpy array per component of a sample."""
-    samples = [_components(dataset[i]) for i in range(start, stop)]
+    """Rows start..stop-1 of the dataset, one stacked numpy array per tensor of a sample.
+
+    Raises:
+        BatchFormatError: a tensor's shape differs from that of the same tensor in row ``start``
+            (e.g. token ids of unpadded lengths).
+    """
+    samples = [_leaves(dataset[i]) for i in range(start, stop)]
     out = []
     for k, dtype in enumerate(dtypes):
-        stacked = torch.stack([s[k] for s in samples]).cpu().numpy()
+        (c, key), first = samples[0][k]
+        for i, s in enumerate(samples):
+            if s[k][1].shape != first.shape:
+                label = f"component {c}" + ("" if key is None else f" [{key!r}]")
+                raise BatchFormatError(
+                    f"torch_dataset_to_dask_array: {label} of row {start + i} has shape "
+                    f"{tuple(s[k][1].shape)}, but row {start} has {tuple(first.shape)}; a dask array needs "
+                    "one shape per row: pad every sample to one length (e.g. padding='max_length')."
+                )
+        stacked = torch.stack([s[k][1] for s in samples]).cpu().numpy()
         out.append(stacked.astype(dtype, copy=False))
     return tuple(out)
 
@@ -50,8 +84,9 @@ def torch_dataset_to_dask_array(
     chunk_size: int,
     total_size: int | None = None,
     resulting_dtype: Any = np.float32,
-) -> tuple[da.Array, ...]:
-    """One lazy dask array per tensor of a dataset's samples, chunked along rows.
+) -> tuple[da.Array | dict[str, da.Array], ...]:
+    """One lazy dask array per tensor of a dataset's samples (a dict of them per mapping), chunked
+    along rows.
 
     Nothing is read when the arrays are made, except sample 0 (for shapes and
     dtypes). Each chunk of ``chunk_size`` rows is one task that indexes the dataset
@@ -60,9 +95,16 @@ def torch_dataset_to_dask_array(
     (for a dataset that reads from storage, that is just its handle; an in-memory
     dataset travels whole). A sample ``(x, y)`` gives ``(da_x, da_y)``.
 
+    Mappings (features for ``model(**x)``): a sample that is a mapping with ``"labels"``
+    gives ``({key: da_array}, da_labels)``, and a component that is a mapping gives a dict
+    of arrays, all with the same row chunks (one read task serves them all), which
+    ``DaskInfluenceCalculator`` takes as x. Every sample must have the same shape per key:
+    pad token ids to one length.
+
     Args:
-        dataset: anything with ``dataset[i]`` → a tensor or a tuple of tensors (or
-            numbers); a ``torch.utils.data.Dataset``.
+        dataset: anything with ``dataset[i]`` → a tensor, a tuple of tensors (or
+            numbers), or a mapping (of tensors, with "labels" for the targets); a tuple's
+            components may be mappings; a ``torch.utils.data.Dataset``.
         chunk_size: rows per chunk (the last chunk may be shorter).
         total_size: use only the first ``total_size`` rows. Default: the dataset's
             ``len()``; for a dataset without one, the number of rows found by reading
@@ -72,8 +114,8 @@ def torch_dataset_to_dask_array(
             tensors (e.g. class labels) keep their own dtype.
 
     Returns:
-        A tuple of ``dask.array.Array``, one per component of a sample, of shape
-        (n, *component_shape).
+        A tuple with one entry per component of a sample: a ``dask.array.Array`` of shape
+        (n, *component_shape), or for a mapping a dict key → such an array.
 
     Raises:
         ValueError: chunk_size < 1, total_size < 1 or beyond the dataset's length, or
@@ -93,7 +135,8 @@ def torch_dataset_to_dask_array(
         raise ValueError(
             f"total_size must be between 1 and the dataset's length ({length}); got {total_size}."
         )
-    first = _components(dataset[0])
+    leaves = _leaves(dataset[0])
+    first = tuple(t for _, t in leaves)
     dtypes = tuple(
         np.dtype(resulting_dtype) if t.is_floating_point() else t.cpu().numpy().dtype for t in first
     )
@@ -119,4 +162,12 @@ def torch_dataset_to_dask_array(
         )
         chunks = (row_chunks,) + tuple((d,) for d in tensor.shape)
         arrays.append(da.Array(graph, name, chunks, meta=np.empty((0,) * (tensor.ndim + 1), dtype=dtype)))
-    return tuple(arrays)
+    components: list[Any] = []
+    for ((c, key), _), array in zip(leaves, arrays):  # regroup the arrays of a mapping into a dict
+        if key is None:
+            components.append(array)
+        else:
+            if len(components) == c:
+                components.append({})
+            components[c][key] = array
+    return tuple(components)

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from ..base import InfluenceMode
 from .base import TorchInfluenceFunctionModel
-from .data import device_batches
+from .data import batch_size_of, device_batches, take_rows
 from .ekfac_factors import (
     EkfacLoss,
     FisherType,
@@ -189,10 +189,8 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
         self._denominators: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ label checks
-    def _check_xy(self, x: Any, y: Any, method: str, x_name: str = "x", y_name: str = "y"):
-        x, y = super()._check_xy(x, y, method, x_name, y_name)
-        check_targets(self.loss_type, y, y_name, f"{type(self).__name__}.{method}()")
-        return x, y
+    def _check_targets(self, y: Tensor, y_name: str, where: str) -> None:
+        check_targets(self.loss_type, y, y_name, where)
 
     # ------------------------------------------------------------------ fit
     def _batches(self, data: Iterable, desc: str) -> Iterator[tuple[Tensor, Tensor]]:
@@ -311,8 +309,8 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
         as matrices, rotated into the eigenbasis if ``rotate``."""
         chunk = self._chunk()
         dtype = dtype or self.factor_dtype
-        for s in range(0, x.shape[0], chunk):
-            xs, ys = x[s : s + chunk], y[s : s + chunk]
+        for s in range(0, batch_size_of(x), chunk):
+            xs, ys = take_rows(x, slice(s, s + chunk)), y[s : s + chunk]
             patches, deltas = self._capture.capture(xs, ys, FisherType.EMPIRICAL, where=type(self).__name__)
             out = {}
             for ly in self.layers:
@@ -335,7 +333,7 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
         return {
             ly.block: torch.cat(parts[ly.block])
             if parts[ly.block]
-            else x.new_zeros((0, ly.d_out, ly.d_in), dtype=dtype)
+            else y.new_zeros((0, ly.d_out, ly.d_in), dtype=dtype)
             for ly in self.layers
         }
 
@@ -369,7 +367,7 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
             return {b: scaled[b] @ test[b].flatten(1).T for b in scaled}
         del test
         x, y = train
-        out = {b: v.new_empty((v.shape[0], x.shape[0])) for b, v in scaled.items()}
+        out = {b: v.new_empty((v.shape[0], batch_size_of(x))) for b, v in scaled.items()}
         for s, grads in self._layer_gradients(x, y, rotate=True, dtype=self.dtype):
             for b, g in grads.items():
                 out[b][:, s : s + g.shape[0]] = scaled[b] @ g.flatten(1).T
@@ -377,7 +375,7 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
 
     def _self_influences_up(self, x: Tensor, y: Tensor) -> Tensor:
         """The diagonal of ``influences(x, y)`` in up mode, in the eigenbasis without solving."""
-        total = torch.zeros(x.shape[0], dtype=self.factor_dtype, device=self.device)
+        total = torch.zeros(batch_size_of(x), dtype=self.factor_dtype, device=self.device)
         for s, grads in self._layer_gradients(x, y, rotate=True):
             for b, g in grads.items():
                 total[s : s + g.shape[0]] += (g.square() / self._denominator(b)).flatten(1).sum(1)

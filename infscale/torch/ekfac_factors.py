@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .capture import capture_layer_calls, live_state
+from .data import batch_size_of
 from .layout import ParameterLayout
 from .memory import default_chunk_size
 
@@ -303,7 +304,7 @@ def accumulate_factors(
                 d = d.flatten(0, 1)
                 G[ly.block] += d.T @ d
             locations[ly.block] += patches[ly.block].shape[0] * patches[ly.block].shape[1]
-        n += x.shape[0]
+        n += batch_size_of(x)
     if n:
         A = {b: v / n for b, v in A.items()}
         G = {b: v / max(locations[b], 1) for b, v in G.items()}

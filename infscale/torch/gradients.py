@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from .capture import capture_layer_calls, live_state, vmap_gradients
+from .capture import capture_layer_calls, live_state, loop_gradients, vmap_gradients
+from .data import batch_size_of, feature_layout, take_rows
 from .factored import (
     FactoredGradients,
     _form_weight_gradients,  # noqa: F401  (importable from here, as before)
@@ -91,6 +92,7 @@ class GradientEngine:
         self.rest_index_list = positions
         self.batched_ok = bool(self.layers)
         self._verified: set[tuple] = set()  # input signatures whose batched gradients matched vmap
+        self._vmap_ok = True  # False once vmap failed on the model (then: one sample at a time)
 
     @property
     def parameters(self) -> dict[str, Tensor]:
@@ -145,24 +147,33 @@ class GradientEngine:
         params = self.parameters
         varying = {n: params[n] for n in names}
         fixed = {**self.fixed, **{n: p for n, p in params.items() if n not in varying}}
-        g = vmap_gradients(self.model, self.loss, varying, fixed, x, y)
-        return torch.cat([g[n].reshape(x.shape[0], -1) for n in names], dim=1)
+        g = None
+        if self._vmap_ok:
+            try:
+                g = vmap_gradients(self.model, self.loss, varying, fixed, x, y)
+            except RuntimeError:  # e.g. data-dependent control flow: the loop raises real errors
+                self._vmap_ok = False
+        if g is None:
+            g = loop_gradients(self.model, self.loss, varying, fixed, x, y)
+        return torch.cat([g[n].reshape(batch_size_of(x), -1) for n in names], dim=1)
 
     def _vmap_into(
         self, out: Tensor, names: list[str], columns, x: Tensor, y: Tensor, chunk_size: int
     ) -> None:
         """Writes vmap(grad) gradients of ``names`` into ``out[:, columns]``, chunk by chunk."""
-        for s in range(0, x.shape[0], chunk_size):
+        for s in range(0, batch_size_of(x), chunk_size):
             out[s : s + chunk_size, columns] = self._vmap_gradients(
-                names, x[s : s + chunk_size], y[s : s + chunk_size]
+                names, take_rows(x, slice(s, s + chunk_size)), y[s : s + chunk_size]
             )
 
     # ---------------------------------------------------------------- batched path
     def _capture(self, x: Tensor, y: Tensor) -> list[tuple[Tensor, Tensor]] | None:
         """(a, δ) per covered layer, shapes (n, T, in) and (n, T, out); None if not possible."""
-        n = x.shape[0]
+        n = batch_size_of(x)
         state = live_state(self.parameters, self.fixed)
         outputs, records = capture_layer_calls(self.model, [layer.module for layer in self.layers], state, x)
+        if not isinstance(outputs, Tensor):  # a tuple or ModelOutput: vmap(grad) handles it
+            return None
         layer_outputs = [o for calls in records for (_, o) in calls]
         if not layer_outputs or any(o.shape[0] != n or not o.requires_grad for o in layer_outputs):
             return None
@@ -185,8 +196,8 @@ class GradientEngine:
                 a_parts.append(a.detach().reshape(n, -1, layer.in_features))
                 d_parts.append(d.detach().reshape(n, -1, layer.out_features))
             if not a_parts:  # the layer was not called: its gradient is zero
-                a_parts = [torch.zeros(n, 0, layer.in_features, dtype=self._dtype, device=x.device)]
-                d_parts = [torch.zeros(n, 0, layer.out_features, dtype=self._dtype, device=x.device)]
+                a_parts = [torch.zeros(n, 0, layer.in_features, dtype=self._dtype, device=y.device)]
+                d_parts = [torch.zeros(n, 0, layer.out_features, dtype=self._dtype, device=y.device)]
             result.append((torch.cat(a_parts, dim=1), torch.cat(d_parts, dim=1)))
         return result
 
@@ -200,7 +211,7 @@ class GradientEngine:
             torch.sum(d, dim=1, out=out[:, layer.bias_index])
 
     def _matches_vmap(self, dense_first: Tensor, x: Tensor, y: Tensor) -> bool:
-        reference = self._vmap_gradients(self.names, x[:1], y[:1])[0]
+        reference = self._vmap_gradients(self.names, take_rows(x, slice(0, 1)), y[:1])[0]
         tol = 1e-10 if reference.dtype == torch.float64 else 1e-4
         scale = reference.norm() + dense_first.norm()
         return bool((dense_first - reference).norm() <= tol * scale + 1e-30)
@@ -216,14 +227,14 @@ class GradientEngine:
         if captured is None:
             self.batched_ok = False
             return None
-        signature = (tuple(x.shape[1:]), x.dtype, tuple(y.shape[1:]), y.dtype, x.device)
+        signature = (feature_layout(x), tuple(y.shape[1:]), y.dtype)
         if signature in self._verified:
             return captured
-        first = torch.zeros(1, self.size, dtype=self._dtype, device=x.device)
+        first = torch.zeros(1, self.size, dtype=self._dtype, device=y.device)
         for layer, (a, d) in zip(self.layers, captured):
             self._layer_gradient_into(first, layer, a[:1], d[:1])
         if self.rest:
-            first[:, self.rest_index] = self._vmap_gradients(self.rest, x[:1], y[:1])
+            first[:, self.rest_index] = self._vmap_gradients(self.rest, take_rows(x, slice(0, 1)), y[:1])
         if not self._matches_vmap(first[0], x, y):
             self.batched_ok = False
             return None
@@ -233,33 +244,34 @@ class GradientEngine:
     # ---------------------------------------------------------------- public
     def gradients(self, x: Tensor, y: Tensor, chunk_size: int) -> Tensor:
         """Per-sample gradients, (n, size)."""
-        n, rows_per_pass = x.shape[0], pass_rows()
-        out = torch.empty(n, self.size, dtype=self._dtype, device=x.device)
-        captured = self._batched(x[:rows_per_pass], y[:rows_per_pass]) if n else None
+        n, rows_per_pass = batch_size_of(x), pass_rows()
+        out = torch.empty(n, self.size, dtype=self._dtype, device=y.device)
+        captured = self._batched(take_rows(x, slice(0, rows_per_pass)), y[:rows_per_pass]) if n else None
         if captured is None:
             self._vmap_into(out, self.names, slice(None), x, y, chunk_size)
             return out
         for s in range(0, n, rows_per_pass):
             rows = slice(s, s + rows_per_pass)
-            cap = captured if s == 0 else self._capture(x[rows], y[rows])
+            cap = captured if s == 0 else self._capture(take_rows(x, rows), y[rows])
             if cap is None:  # this chunk can't take the batched path: vmap gives the same values
-                self._vmap_into(out[rows], self.names, slice(None), x[rows], y[rows], chunk_size)
+                self._vmap_into(out[rows], self.names, slice(None), take_rows(x, rows), y[rows], chunk_size)
                 continue
             for layer, (a, d) in zip(self.layers, cap):
                 self._layer_gradient_into(out[rows], layer, a, d)
             if self.rest:
-                self._vmap_into(out[rows], self.rest, self.rest_index, x[rows], y[rows], chunk_size)
+                xs = take_rows(x, rows)
+                self._vmap_into(out[rows], self.rest, self.rest_index, xs, y[rows], chunk_size)
         return out
 
     def factored(self, x: Tensor, y: Tensor, chunk_size: int) -> FactoredGradients | Tensor:
         """Per-sample gradients in factored form, or dense (n, size) if the batched path
         doesn't apply (then the caller gets the same values, slower)."""
-        n, rows_per_pass = x.shape[0], pass_rows()
-        captured = self._batched(x[:rows_per_pass], y[:rows_per_pass]) if n else None
+        n, rows_per_pass = batch_size_of(x), pass_rows()
+        captured = self._batched(take_rows(x, slice(0, rows_per_pass)), y[:rows_per_pass]) if n else None
         if captured is None:
             return self.gradients(x, y, chunk_size)
         parts = [captured] + [
-            self._capture(x[s : s + rows_per_pass], y[s : s + rows_per_pass])
+            self._capture(take_rows(x, slice(s, s + rows_per_pass)), y[s : s + rows_per_pass])
             for s in range(rows_per_pass, n, rows_per_pass)
         ]
         if any(p is None for p in parts):
@@ -272,12 +284,14 @@ class GradientEngine:
         if self.rest:
             rest = torch.cat(
                 [
-                    self._vmap_gradients(self.rest, x[s : s + chunk_size], y[s : s + chunk_size])
+                    self._vmap_gradients(
+                        self.rest, take_rows(x, slice(s, s + chunk_size)), y[s : s + chunk_size]
+                    )
                     for s in range(0, n, chunk_size)
                 ]
             )
         else:
-            rest = torch.zeros(n, 0, dtype=self._dtype, device=x.device)
+            rest = torch.zeros(n, 0, dtype=self._dtype, device=y.device)
         items: list[Tensor] = [rest]
         for k in range(len(self.layers)):
             items.append(torch.cat([p[k][0] for p in parts]))
@@ -488,5 +502,5 @@ def per_sample_gradients(
     so memory stays bounded by chunk_size · (p + activations).
     """
     engine = GradientEngine(layout, loss, block)
-    chunk = chunk_size or default_chunk_size(engine.size, x.element_size())
+    chunk = chunk_size or default_chunk_size(engine.size, layout.dtype.itemsize)
     return engine.gradients(x, y, chunk)

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..base import InfluenceMode
 from .base import TorchInfluenceFunctionModel
-from .data import device_batches
+from .data import batch_size_of, device_batches, feature_nbytes
 from .factored import FactoredGradients
 from .layout import BlockMode, LossFunction, SecondOrderMode, _Block
 from .memory import STORED_GRADIENT_BYTES, gram_rows, solve_rows
@@ -101,12 +101,12 @@ class InverseHarmonicMeanInfluence(TorchInfluenceFunctionModel):
         inputs: list[tuple[Tensor, Tensor]] = []
         n, used = 0, 0
         for x, y in device_batches(data, self._to_device):
-            n += x.shape[0]
+            n += batch_size_of(x)
             if parts is None:
                 continue
             # per-sample gradients, factored (far smaller) for nn.Linear layers
             gradients = self._engine.factored(x, y, self._chunk())
-            used += _nbytes(gradients) + x.nbytes + y.nbytes
+            used += _nbytes(gradients) + feature_nbytes(x) + y.nbytes
             if used <= budget:
                 parts.append(gradients)
                 inputs.append((x, y))
@@ -119,7 +119,7 @@ class InverseHarmonicMeanInfluence(TorchInfluenceFunctionModel):
             self._stored = _concatenate(parts, self._engine)
             try:
                 self._fit_inputs = (torch.cat([x for x, _ in inputs]), torch.cat([y for _, y in inputs]))
-            except RuntimeError:  # batches of different feature shapes: never matched
+            except (RuntimeError, TypeError):  # different feature shapes, or mappings: never matched
                 self._fit_inputs = None
 
     #: at most this many positions of the fit data are compared with a query's first row
@@ -132,7 +132,7 @@ class InverseHarmonicMeanInfluence(TorchInfluenceFunctionModel):
         (torch.equal on x and y), so a query that only resembles the fit data is never
         served from the store.
         """
-        if self._stored is None or self._fit_inputs is None:
+        if self._stored is None or self._fit_inputs is None or not isinstance(x, Tensor):
             return None
         fit_x, fit_y = self._fit_inputs
         n, m = fit_x.shape[0], x.shape[0]

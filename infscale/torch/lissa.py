@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from ..errors import LissaDivergenceError
 from .base import TorchInfluenceFunctionModel
 from .curvature import CurvatureOperator
-from .data import batch_sizes, device_batches
+from .data import batch_size_of, batch_sizes, device_batches
 from .layout import BlockMode, LossFunction, SecondOrderMode, _Block
 
 __all__ = ["LissaInfluence", "LissaDivergenceError"]
@@ -162,7 +162,7 @@ class LissaInfluence(TorchInfluenceFunctionModel):
         with tqdm(total=self.maxiter, disable=not self.progress, desc=f"LiSSA {block.name}") as bar:
             for iteration in range(1, self.maxiter + 1):
                 x, y = next(batches)
-                weight = x.shape[0] / self._mean_batch_size  # a cycle over the loader averages to H
+                weight = batch_size_of(x) / self._mean_batch_size  # a cycle over the loader averages to H
                 h_new = torch.add(rhs, h, alpha=keep)
                 h_new.add_(product(x, y, h), alpha=-weight / scale)
                 new_norm = torch.linalg.norm(h_new, dim=1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 
@@ -34,7 +36,9 @@ class TorchNumpyConverter:
     """Converts between numpy arrays and torch tensors (on ``device``, default CPU).
 
     Used by the calculators to write tensors into zarr and to feed numpy chunks
-    (from dask arrays) to a torch model.
+    (from dask arrays) to a torch model; a dict of numpy chunks (the features of a
+    model called as ``model(**x)``, see ``torch_dataset_to_dask_array``) becomes a
+    dict of tensors.
     """
 
     def __init__(self, device: torch.device | str | None = None):
@@ -44,8 +48,10 @@ class TorchNumpyConverter:
         """A tensor on any device → a numpy array on the host."""
         return x.detach().cpu().numpy()
 
-    def from_numpy(self, x: np.ndarray) -> torch.Tensor:
-        """A numpy array → a tensor on ``device`` (dtype preserved)."""
+    def from_numpy(self, x: np.ndarray | Mapping[str, np.ndarray]) -> torch.Tensor | dict[str, torch.Tensor]:
+        """A numpy array → a tensor on ``device`` (dtype preserved); a mapping → a dict of them."""
+        if isinstance(x, Mapping):
+            return {k: self.from_numpy(v) for k, v in x.items()}
         t = torch.from_numpy(np.ascontiguousarray(x))
         return t.to(self.device) if self.device is not None else t
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from infscale.errors import BatchFormatError
 from infscale.torch.functional import (
     BlockMode,
     CurvatureOperator,
@@ -133,7 +134,8 @@ def test_block_regularization():
 def test_split_batch():
     x, y = torch.zeros(2, 3), torch.zeros(2)
     assert split_batch((x, y))[0] is x
-    assert split_batch([x, y, "extra"])[1] is y
+    with pytest.raises(BatchFormatError, match="length 3"):  # (x1, x2, y) or (x, y, index)?
+        split_batch([x, y, "extra"])
     with pytest.raises(ValueError, match="got Tensor"):
         split_batch(x)
     with pytest.raises(ValueError, match="length 1"):

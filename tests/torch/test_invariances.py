@@ -5,6 +5,7 @@ the derivative of up mode with respect to the training input (finite differences
 import pytest
 import torch
 
+from infscale.errors import BatchFormatError
 from infscale.torch import CgInfluence, DirectInfluence
 
 
@@ -21,9 +22,11 @@ METHODS = ["direct", "cg"]
 def test_batch_size_order_and_batch_kind_do_not_matter(mlp, ground_truth, method):
     p = mlp
     reference = make(method, p).fit(p.loader()).influences(p.x_test, p.y_test, p.x, p.y)
-    loaders = ((7, "tuple"), (16, "list"), (3, "long"))  # 40 = 5·7 + 5 = 2·16 + 8 = 13·3 + 1
+    loaders = ((7, "tuple"), (16, "list"), (3, "tuple"))  # 40 = 5·7 + 5 = 2·16 + 8 = 13·3 + 1
     if method == "cg":  # every CG iteration is a pass over the batches: keep them few
-        loaders = ((16, "list"), (13, "long"))
+        loaders = ((16, "list"), (13, "tuple"))
+    with pytest.raises(BatchFormatError, match="length 3"):  # (x, y, index) or (x1, x2, y)? never guessed
+        make(method, p).fit(p.loader(13, "long"))
     for batch_size, kind in loaders:
         got = make(method, p).fit(p.loader(batch_size, kind)).influences(p.x_test, p.y_test, p.x, p.y)
         assert ground_truth.relerr(got, reference) < 1e-10, (batch_size, kind)
