@@ -58,9 +58,9 @@ class LissaInfluence(TorchInfluenceFunctionModel):
         progress: show a tqdm progress bar per solve.
 
     Every iteration also measures the curvature along each iterate, c = hᵀ(H_t + λI)h / hᵀh
-    (free: H_t h is the iteration's product). Where c < −dampen · scale the iteration expands
-    along h (its factor 1 − dampen − c/scale exceeds 1): negative curvature that λ + dampen ·
-    scale does not cover.
+    (free: H_t h is the iteration's product). Where c < −dampen · scale (by more than rounding,
+    100 · eps · scale) the iteration expands along h (its factor 1 − dampen − c/scale exceeds 1):
+    negative curvature that λ + dampen · scale does not cover.
 
     Raises:
         ValueError: invalid maxiter, dampen, scale or rtol.
@@ -172,6 +172,9 @@ class LissaInfluence(TorchInfluenceFunctionModel):
         tiny = torch.finfo(rhs.dtype).tiny
         b_norm = torch.linalg.norm(rhs, dim=1)
         shift = lam + dampen * scale
+        # the iteration expands along h where hᵀ(H_t + λI)h / hᵀh is below −dampen·scale; less than
+        # 100 eps · scale below is rounding (products are accurate to about eps times the curvature)
+        expands_below = -dampen * scale - 100 * torch.finfo(rhs.dtype).eps * scale
         # a convergent iteration with PSD batch curvatures stays below scale‖b‖ / (λ + dampen·scale)
         bound = 10 * scale * b_norm / shift if shift > 0 else None
         keep = 1 - dampen - lam / scale  # h_{t+1} = b + keep · h_t − weight · H_t h_t / scale
@@ -200,7 +203,7 @@ class LissaInfluence(TorchInfluenceFunctionModel):
         iteration = 0
 
         def diverged(iteration: int, why: str) -> Exception:
-            if latest_batch is not None and latest_curvature < -dampen * scale:
+            if latest_batch is not None and latest_curvature < expands_below:
                 return self._negative_curvature(
                     block, iteration, latest_batch, latest_direction, latest_curvature, why
                 )
@@ -218,7 +221,7 @@ class LissaInfluence(TorchInfluenceFunctionModel):
                     row = int(curvature.argmin())
                     latest_curvature = curvature[row].item()
                     latest_direction, latest_batch = h[row].clone(), (product, x.shape[0])
-                    expanding = expanding + 1 if latest_curvature < -dampen * scale else 0
+                    expanding = expanding + 1 if latest_curvature < expands_below else 0
                 h_new = torch.add(rhs, h, alpha=keep)
                 h_new.add_(Hh, alpha=-weight / scale)
                 new_norm = torch.linalg.norm(h_new, dim=1)
