@@ -42,15 +42,17 @@ def _orthonormal_basis(M: Tensor, rtol: float) -> Tensor:
     return U[:, s > rtol * s[0]].T.contiguous()
 
 
-def _projected_solver(PQ: Tensor):
+def _projected_solver(PQ: Tensor, scale: float):
     """A function M ↦ PQ⁻¹ M for the symmetric projected matrix PQ: Cholesky when it is
     positive definite (always, for A + λI positive definite), LU otherwise; None when PQ has an
-    eigenvalue that is negative beyond rounding (10 · size · eps of its largest |eigenvalue|)."""
+    eigenvalue that is negative beyond rounding: below −10 · size · eps · ``scale``, the largest
+    curvature seen so far (the rounding of the products is relative to A's scale, not PQ's)."""
     L, info = torch.linalg.cholesky_ex(PQ)
     if info.item() == 0:
         return lambda M: torch.cholesky_solve(M, L)
     evals = torch.linalg.eigvalsh(PQ)
-    if evals[0] < -10 * PQ.shape[0] * torch.finfo(PQ.dtype).eps * evals.abs().max():
+    scale = max(scale, evals.abs().max().item())
+    if evals[0].item() < -10 * PQ.shape[0] * torch.finfo(PQ.dtype).eps * scale:
         return None
     return lambda M: torch.linalg.solve(PQ, M)
 
@@ -129,6 +131,7 @@ def block_cg(
 
     orth_rtol = torch.finfo(rhs.dtype).eps * 10
     it = 0
+    scale = 0.0  # the largest |Rayleigh quotient| of A + λI seen: the scale of rounding in PQ
     if not bool(done.all()):
         active = (~done).nonzero().squeeze(1)
         all_active = active.numel() == R.shape[0]
@@ -138,7 +141,8 @@ def block_cg(
             Q = matmat(P) + regularization * P
             PQ = P @ Q.T
             PQ = (PQ + PQ.T) / 2
-            solve = _projected_solver(PQ)
+            scale = max(scale, PQ.diagonal().abs().max().item())
+            solve = _projected_solver(PQ, scale)
             if solve is None:
                 raise _negative_curvature(matmat, P, PQ, regularization, where, what, advice)
             R_a = R if all_active else R[active]
