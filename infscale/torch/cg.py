@@ -9,9 +9,11 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from ..errors import NotPositiveDefiniteError
 from .base import TorchInfluenceFunctionModel
 from .curvature import CurvatureOperator
 from .layout import BlockMode, LossFunction, SecondOrderMode, _Block
+from .linalg import lanczos_extremes, not_positive_definite
 from .preconditioner import Preconditioner
 
 __all__ = ["CgInfluence", "block_cg"]
@@ -40,13 +42,42 @@ def _orthonormal_basis(M: Tensor, rtol: float) -> Tensor:
     return U[:, s > rtol * s[0]].T.contiguous()
 
 
-def _projected_solver(PQ: Tensor):
+def _projected_solver(PQ: Tensor, scale: float):
     """A function M ↦ PQ⁻¹ M for the symmetric projected matrix PQ: Cholesky when it is
-    positive definite (always, for A + λI positive definite), LU otherwise."""
+    positive definite (always, for A + λI positive definite), LU otherwise; None when PQ has an
+    eigenvalue that is negative beyond rounding: below −10 · size · eps · ``scale``, the largest
+    curvature seen so far (the rounding of the products is relative to A's scale, not PQ's)."""
     L, info = torch.linalg.cholesky_ex(PQ)
     if info.item() == 0:
         return lambda M: torch.cholesky_solve(M, L)
+    evals = torch.linalg.eigvalsh(PQ)
+    scale = max(scale, evals.abs().max().item())
+    if evals[0].item() < -10 * PQ.shape[0] * torch.finfo(PQ.dtype).eps * scale:
+        return None
     return lambda M: torch.linalg.solve(PQ, M)
+
+
+def _negative_curvature(
+    matmat, P: Tensor, PQ: Tensor, regularization: float, where: str, what: str, advice: str
+) -> NotPositiveDefiniteError:
+    """The NotPositiveDefiniteError for a block of search directions P (rows, orthonormal) whose
+    projected matrix PQ = P (A + λI) Pᵀ is not positive definite, with A's extreme eigenvalues
+    estimated by Lanczos on A, started from the direction of PQ's most negative eigenvalue. That
+    eigenvalue minus λ is a Rayleigh quotient of A, an upper bound of its smallest eigenvalue."""
+    evals, evecs = torch.linalg.eigh(PQ)
+    direction = evecs[:, 0] @ P
+    seen = evals[0].item() - regularization
+    estimate = lanczos_extremes(matmat, direction)
+    return not_positive_definite(
+        where,
+        what,
+        regularization,
+        min(estimate.smallest, seen),
+        estimate.largest,
+        advice,
+        estimated_by=f"{estimate.describe()} after conjugate gradients met the Rayleigh quotient "
+        f"{seen + regularization:.3g} of the regularized matrix",
+    )
 
 
 def block_cg(
@@ -57,6 +88,10 @@ def block_cg(
     atol: float,
     maxiter: int,
     preconditioner: Preconditioner | None = None,
+    *,
+    where: str = "block_cg",
+    what: str = "the matrix",
+    advice: str = "or check the matrix",
 ):
     """Solve (A + λI) x_i = b_i for all rows b_i of B (k, p) at once with breakdown-free block CG.
 
@@ -68,10 +103,22 @@ def block_cg(
     are solved by Cholesky. Everything is stored row-wise (one row per
     right-hand side or direction), the layout ``matmat`` takes.
 
+    A + λI must be positive definite. Each block of search directions P shows whether it is on
+    the Krylov space explored: when P (A + λI) Pᵀ has an eigenvalue below zero (beyond rounding),
+    the solve stops with NotPositiveDefiniteError, A's extreme eigenvalues estimated by a few
+    Lanczos steps on A started from that direction (``linalg.lanczos_extremes``), and the message
+    gives a λ that makes A + λI positive definite. A solve that converges before meeting negative
+    curvature returns the solution of the (possibly indefinite) system.
+
     Args:
         matmat: V (m, p) → V Aᵀ, A applied to each row.
+        where, what, advice: the error's place, the name of A (e.g. "the curvature of block
+            'model'") and what else the user may change.
 
     Returns (X of shape (k, p), relative residuals (k,), converged mask (k,), iterations).
+
+    Raises:
+        NotPositiveDefiniteError: A + λI has negative curvature along a block of search directions.
     """
     X = torch.zeros_like(rhs)
     b_norm = torch.linalg.norm(rhs, dim=1)
@@ -84,6 +131,7 @@ def block_cg(
 
     orth_rtol = torch.finfo(rhs.dtype).eps * 10
     it = 0
+    scale = 0.0  # the largest |Rayleigh quotient| of A + λI seen: the scale of rounding in PQ
     if not bool(done.all()):
         active = (~done).nonzero().squeeze(1)
         all_active = active.numel() == R.shape[0]
@@ -92,7 +140,11 @@ def block_cg(
             it += 1
             Q = matmat(P) + regularization * P
             PQ = P @ Q.T
-            solve = _projected_solver((PQ + PQ.T) / 2)
+            PQ = (PQ + PQ.T) / 2
+            scale = max(scale, PQ.diagonal().abs().max().item())
+            solve = _projected_solver(PQ, scale)
+            if solve is None:
+                raise _negative_curvature(matmat, P, PQ, regularization, where, what, advice)
             R_a = R if all_active else R[active]
             alpha = solve(P @ R_a.T)  # (m, k_active)
             if all_active:
@@ -194,6 +246,9 @@ class CgInfluence(TorchInfluenceFunctionModel):
             self.atol,
             maxiter,
             self._preconditioners.get(block.name),
+            where="CgInfluence",
+            what=f"the curvature of block {block.name!r}",
+            advice="or second_order_mode=SecondOrderMode.GAUSS_NEWTON (positive semi-definite)",
         )
         if not bool(done.all()):
             missed = int((~done).sum())

@@ -31,7 +31,7 @@ See docs/ekfac.md for the loss and Fisher conventions.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,28 @@ from .memory import default_chunk_size
 __all__ = ["EkfacInfluence", "EkfacLoss", "FisherType"]
 
 
+def _loss_in_place_of_update_diagonal(update_diagonal: Any, loss: Any) -> tuple[bool, Any]:
+    """(update_diagonal, loss): a loss given as the second positional argument (a string, an
+    ``EkfacLoss`` or a callable such as ``F.mse_loss``) moves to ``loss`` and update_diagonal stays
+    True; a bool (or 0/1) stays. Raises TypeError for anything else, or for a loss in both places."""
+    if isinstance(update_diagonal, str) or callable(update_diagonal):
+        if loss != EkfacLoss.CROSS_ENTROPY and loss != update_diagonal:
+            raise TypeError(
+                f"EkfacInfluence got the loss twice: {update_diagonal!r} as its second positional "
+                f"argument (update_diagonal's place) and loss={loss!r}; give it once."
+            )
+        return True, update_diagonal
+    try:
+        if update_diagonal in (True, False):  # a bool, 0 or 1, numpy.bool_
+            return bool(update_diagonal), loss
+    except (TypeError, ValueError, RuntimeError):  # no single truth value, e.g. an array
+        pass
+    raise TypeError(
+        "EkfacInfluence: update_diagonal (the second positional parameter) must be True (EK-FAC) or "
+        f"False (K-FAC), or the loss; got {update_diagonal!r}."
+    )
+
+
 class EkfacInfluence(TorchInfluenceFunctionModel):
     """Influences with the (eigenvalue-corrected) Kronecker-factored curvature of each layer.
 
@@ -80,6 +102,9 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
         model: a ``torch.nn.Module`` (in eval mode; each supported layer called once per forward).
         update_diagonal: True: EK-FAC (the diagonal in the Kronecker eigenbasis is fitted in a
             second pass). False: K-FAC (eigenvalues Λ_G,i Λ_A,j of the Kronecker product).
+            The seed's second positional parameter; a loss given there (a string, an
+            ``EkfacLoss`` or a callable, as in ``EkfacInfluence(model, F.mse_loss)``) is taken as
+            ``loss``, and update_diagonal keeps its default True.
         hessian_regularization: λ ≥ 0 added to the curvature's diagonal: a float, or a dict
             block (layer path) → float.
         progress: show progress bars over the training batches during ``fit``.
@@ -100,6 +125,8 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
     Raises:
         ValueError: an unsupported module with trainable parameters (without
             ``skip_unsupported``), no supported layer, an unknown ``loss`` or ``fisher``.
+        TypeError: update_diagonal neither a bool nor a loss, or a loss both in its place and
+            as a different ``loss=``.
         NotPositiveDefiniteError (at query): a layer's curvature model plus λ is singular to
             working precision; the message gives a λ that makes it invertible.
     """
@@ -116,7 +143,7 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
     def __init__(
         self,
         model: nn.Module,
-        update_diagonal: bool = True,
+        update_diagonal: bool | EkfacLoss | str | Callable = True,
         hessian_regularization: float | Mapping[str, float] = 0.0,
         progress: bool = False,
         loss: EkfacLoss | str = EkfacLoss.CROSS_ENTROPY,
@@ -128,6 +155,7 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+        update_diagonal, loss = _loss_in_place_of_update_diagonal(update_diagonal, loss)
         if loss is F.cross_entropy:
             loss = EkfacLoss.CROSS_ENTROPY
         elif loss is F.mse_loss:
@@ -173,7 +201,7 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
             gradient_chunk_size,
             held_fixed=skipped,
         )
-        self.update_diagonal = bool(update_diagonal)
+        self.update_diagonal = update_diagonal
         self.progress = progress
         self.seed = int(seed)
         self.skip_unsupported = skip_unsupported

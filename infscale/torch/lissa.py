@@ -9,11 +9,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..errors import LissaDivergenceError
+from ..errors import LissaDivergenceError, NotPositiveDefiniteError
 from .base import TorchInfluenceFunctionModel
 from .curvature import CurvatureOperator
 from .data import batch_size_of, batch_sizes, device_batches
 from .layout import BlockMode, LossFunction, SecondOrderMode, _Block
+from .linalg import lanczos_extremes, not_positive_definite
 
 __all__ = ["LissaInfluence", "LissaDivergenceError"]
 
@@ -56,17 +57,32 @@ class LissaInfluence(TorchInfluenceFunctionModel):
         rtol: stop when the relative change of every right-hand side is ≤ rtol.
         progress: show a tqdm progress bar per solve.
 
+    Every iteration also measures the curvature along each iterate, c = hᵀ(H_t + λI)h / hᵀh
+    (free: H_t h is the iteration's product). Where c < −dampen · scale (by more than rounding,
+    100 · eps · scale) the iteration expands along h (its factor 1 − dampen − c/scale exceeds 1):
+    negative curvature that λ + dampen · scale does not cover.
+
     Raises:
         ValueError: invalid maxiter, dampen, scale or rtol.
+        NotPositiveDefiniteError (at query): the iterates diverged (see below) while growing
+            along a direction of curvature c < −dampen · scale, or kept such a direction for
+            ``NEGATIVE_CURVATURE_ITERATIONS`` iterations in a row: the batch curvature plus λ is not
+            positive definite. Its extreme eigenvalues are estimated by a few Lanczos steps on that
+            batch's curvature, started from the iterate (``linalg.lanczos_extremes``), and the
+            message gives a ``hessian_regularization`` that makes it positive definite.
         LissaDivergenceError (at query): the iterates became non-finite, grew beyond
             the bound scale · ‖b‖ / (λ + dampen · scale) that holds for a convergent
-            iteration, or kept growing; the message says to raise ``scale`` or ``dampen``.
+            iteration, or kept growing, with no negative curvature along them (the scale is
+            below about half the largest curvature eigenvalue); the message says to raise
+            ``scale`` or ``dampen``.
 
     Warns:
         RuntimeWarning when ``maxiter`` is reached, with the relative change reached.
     """
 
     settings = TorchInfluenceFunctionModel.settings + ("maxiter", "dampen", "scale", "rtol")
+    #: iterations in a row with an expanding direction of negative curvature before the query stops
+    NEGATIVE_CURVATURE_ITERATIONS = 10
 
     def __init__(
         self,
@@ -128,6 +144,27 @@ class LissaInfluence(TorchInfluenceFunctionModel):
             "second_order_mode=SecondOrderMode.GAUSS_NEWTON) if the Hessian has negative eigenvalues."
         )
 
+    def _negative_curvature(
+        self, block: _Block, iteration: int, batch, direction: Tensor, curvature: float, why: str
+    ) -> NotPositiveDefiniteError:
+        """The error for an iteration that expands along ``direction`` (p_block,), where the batch
+        curvature plus λ is ``curvature`` < −dampen · scale; A's extreme eigenvalues estimated by
+        Lanczos on that batch's curvature, started from ``direction``."""
+        product, n = batch
+        lam = self.regularization[block.name]
+        estimate = lanczos_extremes(product, direction)
+        return not_positive_definite(
+            "LissaInfluence",
+            f"the curvature of block {block.name!r} on a mini-batch of {n} samples",
+            lam,
+            min(estimate.smallest, curvature - lam),
+            estimate.largest,
+            f"raise dampen (it adds dampen·scale to λ; now {self.dampen * self.scale:g}), or use "
+            "second_order_mode=SecondOrderMode.GAUSS_NEWTON (positive semi-definite)",
+            estimated_by=f"{estimate.describe()} on that batch, after the iteration {why} at iteration "
+            f"{iteration} along a direction of regularized curvature {curvature:.3g}",
+        )
+
     def _solve_block(self, block: _Block, rhs: Tensor) -> Tensor:
         if rhs.shape[0] == 0:
             return rhs.clone()
@@ -135,6 +172,9 @@ class LissaInfluence(TorchInfluenceFunctionModel):
         tiny = torch.finfo(rhs.dtype).tiny
         b_norm = torch.linalg.norm(rhs, dim=1)
         shift = lam + dampen * scale
+        # the iteration expands along h where hᵀ(H_t + λI)h / hᵀh is below −dampen·scale; less than
+        # 100 eps · scale below is rounding (products are accurate to about eps times the curvature)
+        expands_below = -dampen * scale - 100 * torch.finfo(rhs.dtype).eps * scale
         # a convergent iteration with PSD batch curvatures stays below scale‖b‖ / (λ + dampen·scale)
         bound = 10 * scale * b_norm / shift if shift > 0 else None
         keep = 1 - dampen - lam / scale  # h_{t+1} = b + keep · h_t − weight · H_t h_t / scale
@@ -142,7 +182,7 @@ class LissaInfluence(TorchInfluenceFunctionModel):
         # the block's per-sample gradient engine (empirical Fisher), shared by every product
         engine = self._block_engine(block)
 
-        def product(x: Tensor, y: Tensor, V: Tensor) -> Tensor:
+        def batch_product(x: Tensor, y: Tensor):
             op = CurvatureOperator(
                 self.layout,
                 self.loss,
@@ -152,37 +192,54 @@ class LissaInfluence(TorchInfluenceFunctionModel):
                 lambda a, c: (a, c),
                 engine=engine,
             )
-            return op.matmat(V)
+            return op.matmat
 
         h = rhs.clone()
         batches = self._batches()
         change = torch.zeros(rhs.shape[0], dtype=rhs.dtype, device=rhs.device)
-        growing, previous_largest = 0, float("inf")
+        growing, previous_largest, expanding = 0, float("inf"), 0
+        # the latest iteration's most negative regularized curvature along an iterate, that iterate, its batch
+        latest_curvature, latest_direction, latest_batch = float("inf"), rhs[0], None
         iteration = 0
+
+        def diverged(iteration: int, why: str) -> Exception:
+            if latest_batch is not None and latest_curvature < expands_below:
+                return self._negative_curvature(
+                    block, iteration, latest_batch, latest_direction, latest_curvature, why
+                )
+            return self._diverged(block, iteration, why)
+
         with tqdm(total=self.maxiter, disable=not self.progress, desc=f"LiSSA {block.name}") as bar:
             for iteration in range(1, self.maxiter + 1):
                 x, y = next(batches)
                 weight = batch_size_of(x) / self._mean_batch_size  # a cycle over the loader averages to H
+                product = batch_product(x, y)
+                Hh = product(h)
+                # c = hᵀ(H_t + λI)h / hᵀh per row: the iteration expands along h where c < −dampen·scale
+                curvature = (h * Hh).sum(1) / (h * h).sum(1).clamp_min(tiny) + lam
+                if bool(torch.isfinite(curvature).all()):
+                    row = int(curvature.argmin())
+                    latest_curvature = curvature[row].item()
+                    latest_direction, latest_batch = h[row].clone(), (product, batch_size_of(x))
+                    expanding = expanding + 1 if latest_curvature < expands_below else 0
                 h_new = torch.add(rhs, h, alpha=keep)
-                h_new.add_(product(x, y, h), alpha=-weight / scale)
+                h_new.add_(Hh, alpha=-weight / scale)
                 new_norm = torch.linalg.norm(h_new, dim=1)
                 # a non-finite entry makes its row's norm non-finite
                 if not bool(torch.isfinite(new_norm).all()):
-                    raise self._diverged(block, iteration, "the iterates are no longer finite")
+                    raise diverged(iteration, "the iterates are no longer finite")
+                if expanding >= self.NEGATIVE_CURVATURE_ITERATIONS:
+                    raise diverged(iteration, f"expanded along negative curvature {expanding} times in a row")
                 change = torch.linalg.norm(h.sub_(h_new), dim=1) / new_norm.clamp_min(tiny)
                 h = h_new
                 if bound is not None and bool((new_norm > bound).any()):
-                    raise self._diverged(
-                        block, iteration, "an iterate exceeded scale·‖b‖/(λ + dampen·scale) tenfold"
-                    )
+                    raise diverged(iteration, "an iterate exceeded scale·‖b‖/(λ + dampen·scale) tenfold")
                 worst = change.max().item()
                 largest = new_norm.max().item()
                 growing = growing + 1 if worst > 1 and largest > previous_largest else 0
                 previous_largest = largest
                 if growing >= 20:
-                    raise self._diverged(
-                        block, iteration, "the iterates kept growing by more than themselves"
-                    )
+                    raise diverged(iteration, "the iterates kept growing by more than themselves")
                 bar.update(1)
                 bar.set_postfix(change=f"{worst:.2e}")
                 if worst <= self.rtol:

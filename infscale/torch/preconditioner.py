@@ -61,9 +61,21 @@ class Preconditioner(Configurable, ABC):
 
 
 class JacobiPreconditioner(Preconditioner):
-    """Diagonal preconditioner 1 / (diag(A) + λ), the diagonal estimated with
-    Hutchinson's estimator from ``num_samples_estimator`` Rademacher probes
-    (each probe is one curvature-vector product, all done in one pass)."""
+    """Diagonal preconditioner 1 / (d + λ), d an estimate of diag(A) from one product with
+    ``num_samples_estimator`` probe vectors (one pass over the data for all of them).
+
+    With at least as many probes as the block has parameters, the probes are the unit vectors
+    and d = diag(A) exactly. Otherwise they are Rademacher vectors v (entries ±1) and
+
+        d_i = max(ĥ_i, ŝ_i / √N),   ĥ_i = mean_v v_i (Av)_i,   ŝ_i² = mean_v (Av)_i²,
+
+    with N the number of probes: ĥ is Hutchinson's unbiased estimate of diag(A), whose error in
+    entry i has standard deviation (Σ_{j≠i} A_ij² / N)^½ — the rest of row i, not the entry —
+    and ŝ_i ≈ ‖A e_i‖ bounds that scale. An entry is never taken below the estimator's own noise
+    scale: a plain Hutchinson estimate from one probe is negative for many entries of a
+    curvature whose rows are not dominated by their diagonal (for N = 1, d_i = |ĥ_i|), which makes
+    the preconditioner indefinite and conjugate gradients slower than without it.
+    """
 
     settings = ("num_samples_estimator", "seed")
 
@@ -75,9 +87,16 @@ class JacobiPreconditioner(Preconditioner):
         self.diagonal: Tensor | None = None
 
     def fit(self, matmat, size, regularization, dtype, device):
-        g = torch.Generator(device="cpu").manual_seed(self.seed)
-        v = (torch.randint(0, 2, (self.num_samples_estimator, size), generator=g) * 2 - 1).to(device, dtype)
-        self.diagonal = (v * matmat(v)).mean(0)
+        n = self.num_samples_estimator
+        if n >= size:  # the unit vectors: the exact diagonal for the same number of probes
+            self.diagonal = torch.diagonal(matmat(torch.eye(size, dtype=dtype, device=device))).clone()
+        else:
+            g = torch.Generator(device="cpu").manual_seed(self.seed)
+            v = (torch.randint(0, 2, (n, size), generator=g) * 2 - 1).to(device, dtype)
+            Av = matmat(v)
+            hutchinson = (v * Av).mean(0)
+            noise = (Av.square().mean(0) / n).sqrt()
+            self.diagonal = torch.maximum(hutchinson, noise)
         self.regularization = regularization
         return self
 

@@ -1,15 +1,20 @@
-"""CgInfluence (block CG) against closed forms and DirectInfluence; preconditioners; warnings."""
+"""CgInfluence (block CG) against closed forms and DirectInfluence; preconditioners; warnings; the
+NotPositiveDefiniteError (with a sufficient λ) on negative curvature."""
 
+import copy
 import re
 import warnings
 
 import pytest
+import references
 import torch
+from real_models import batchnorm_cnn
 
 from infscale.torch import (
     CgInfluence,
     DirectInfluence,
     JacobiPreconditioner,
+    NotPositiveDefiniteError,
     NystroemPreconditioner,
     SecondOrderMode,
 )
@@ -177,3 +182,108 @@ def test_preconditioner_settings_are_recorded_and_a_resume_with_another_rank_is_
         write(rank3, resume=True)
     again = write(model(NystroemPreconditioner(rank=2)), resume=True)
     assert (again[...] == stored[...]).all()
+
+
+# ------------------------------------------------------------------------------ indefinite H + λI
+
+
+def _reported(message: str) -> tuple[float, float]:
+    """(the smallest eigenvalue the message reports, the hessian_regularization it suggests)."""
+    smallest = float(
+        re.search(r"smallest eigenvalue is about (\S+) \(estimated by \d+ Lanczos", message).group(1)
+    )
+    suggested = float(re.search(r"hessian_regularization ≥ (\S+),", message).group(1))
+    return smallest, suggested
+
+
+@pytest.mark.parametrize("lam", [0.0, 1e-3, 0.5])
+def test_indefinite_hessian_raises_with_a_sufficient_lambda(
+    untrained_mlp, untrained_mlp_curvature, ground_truth, lam
+):
+    """A random tanh MLP: its Hessian (explicit, float64, torch.autograd.functional.hessian) has
+    eigenvalues down to about -0.65. Below that λ, CG meets negative curvature and raises with a
+    Lanczos estimate; the suggested λ exceeds -λ_min, and with it CG converges to the explicit solve."""
+    p = untrained_mlp
+    H = untrained_mlp_curvature["hessian"]
+    smallest = torch.linalg.eigvalsh(H)[0].item()
+    assert smallest + lam < 0  # H + λI is indefinite
+    cg = CgInfluence(p.model, p.loss, lam, rtol=1e-10, atol=0.0).fit(p.loader(13))
+    with pytest.raises(NotPositiveDefiniteError) as info:
+        cg.influences(p.x_test, p.y_test, p.x, p.y)
+    message = str(info.value)
+    assert "CgInfluence" in message and "block 'model'" in message and "GAUSS_NEWTON" in message
+    estimate, suggested = _reported(message)
+    assert estimate == pytest.approx(smallest, rel=0.02)
+    assert -smallest < suggested < 1.2 * -smallest  # sufficient, and not far above what is needed
+
+    fixed = CgInfluence(p.model, p.loss, suggested, rtol=1e-10, atol=0.0).fit(p.loader(13))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # converges: no warning
+        got = fixed.influences(p.x_test, p.y_test, p.x, p.y)
+    g_test = ground_truth.gradients(p.model, p.loss, p.x_test, p.y_test)
+    g_train = ground_truth.gradients(p.model, p.loss, p.x, p.y)
+    A = H + suggested * torch.eye(H.shape[0], dtype=H.dtype)
+    assert ground_truth.relerr(got, g_test @ torch.linalg.solve(A, g_train.T)) < 1e-6
+
+
+def test_gauss_newton_of_the_same_model_does_not_raise(untrained_mlp):
+    p = untrained_mlp
+    cg = CgInfluence(p.model, p.loss, 1e-3, rtol=1e-10, atol=0.0, second_order_mode="gauss_newton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        cg.fit(p.loader()).influences(p.x_test, p.y_test, p.x, p.y)
+
+
+def test_rounding_on_a_singular_gauss_newton_matrix_is_not_negative_curvature(untrained_mlp, ground_truth):
+    """float32, 10 samples: the Gauss-Newton matrix has rank ≤ 20 of 51 (explicit float64 matrix), so
+    at λ = 0 the search directions reach its null space, where the projected curvature is rounding
+    noise of either sign (about -2e-9 against a largest eigenvalue of 1.4). That is no evidence of
+    negative curvature: CG does not raise, it warns that it missed the tolerance."""
+    p = untrained_mlp
+    x, y = p.x[:10], p.y[:10]
+    G = ground_truth.gauss_newton(p.model, p.loss, x, y)
+    assert int((torch.linalg.eigvalsh(G) > 1e-12).sum()) <= 20
+    model32 = copy.deepcopy(p.model).float()
+    cg = CgInfluence(model32, p.loss, 0.0, rtol=1e-6, atol=0.0, maxiter=300, second_order_mode="gauss_newton")
+    with pytest.warns(RuntimeWarning, match="missed the tolerance"):
+        cg.fit([(x.float(), y)]).influence_factors(p.x_test.float(), p.y_test)
+
+
+def test_indefinite_hessian_of_a_small_cnn_raises_with_a_sufficient_lambda():
+    """The same on a Conv2d/BatchNorm CNN (447 parameters): explicit float64 Hessian by
+    torch.autograd.functional.hessian (tests/torch/references.py)."""
+    model, loss, train, test = batchnorm_cnn()
+    H = references.hessian(model, loss, train)
+    smallest = torch.linalg.eigvalsh(H)[0].item()
+    lam = 1e-3
+    assert smallest + lam < 0
+    x_test, y_test = test[0][0], test[0][1]
+    with pytest.raises(NotPositiveDefiniteError) as info:
+        CgInfluence(model, loss, lam, rtol=1e-10, atol=0.0).fit(train).influence_factors(x_test, y_test)
+    _, suggested = _reported(str(info.value))
+    assert suggested > -smallest
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = (
+            CgInfluence(model, loss, suggested, rtol=1e-10, atol=0.0)
+            .fit(train)
+            .influence_factors(x_test, y_test)
+        )
+    G = references.per_sample_gradients(model, loss, [(x_test, y_test)])
+    expected = torch.linalg.solve(H + suggested * torch.eye(H.shape[0], dtype=H.dtype), G.T).T
+    assert float((got - expected).norm() / expected.norm()) < 1e-6
+
+
+def test_block_cg_raises_on_an_explicit_indefinite_matrix():
+    g = torch.Generator().manual_seed(1)
+    Q, _ = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64))
+    evals = torch.linspace(-0.3, 2.0, 40, dtype=torch.float64)
+    A = Q @ torch.diag(evals) @ Q.T
+    B = torch.randn(3, 40, generator=g, dtype=torch.float64)
+    with pytest.raises(NotPositiveDefiniteError, match="the matrix plus hessian_regularization=0.01") as info:
+        block_cg(lambda V: V @ A, B, 0.01, 1e-10, 0.0, 200)
+    estimate, suggested = _reported(str(info.value))
+    assert estimate == pytest.approx(-0.3, rel=0.02) and suggested > 0.3
+    X, _, done, _ = block_cg(lambda V: V @ A, B, suggested, 1e-10, 0.0, 200)
+    expected = torch.linalg.solve(A + suggested * torch.eye(40, dtype=A.dtype), B.T).T
+    assert bool(done.all()) and float((X - expected).norm() / expected.norm()) < 1e-8

@@ -1,5 +1,7 @@
-"""LissaInfluence against DirectInfluence and explicit float64 curvature matrices."""
+"""LissaInfluence against DirectInfluence and explicit float64 curvature matrices; divergence along
+negative curvature (NotPositiveDefiniteError) against a scale that is too small (LissaDivergenceError)."""
 
+import re
 import warnings
 
 import pytest
@@ -7,7 +9,13 @@ import torch
 from helpers import CE, loader, rel
 from torch.utils.data import DataLoader, TensorDataset
 
-from infscale.torch import BlockMode, DirectInfluence, LissaDivergenceError, LissaInfluence
+from infscale.torch import (
+    BlockMode,
+    DirectInfluence,
+    LissaDivergenceError,
+    LissaInfluence,
+    NotPositiveDefiniteError,
+)
 
 LAM = 0.1  # well conditioned: the curvature spectrum tops out near 0.72 (Hessian min ≈ -1e-2)
 # (μ + λ) / SCALE lies in [0.18, 1.64] ⊂ (0, 2): the error shrinks by ≤ 0.82 per full-batch iteration
@@ -136,3 +144,89 @@ def test_self_influences_against_explicit_solve(small_classifier):
     G = small_classifier.train_gradients
     exact = (G * torch.linalg.solve(C, G.T).T).sum(dim=1)
     assert rel(lissa.self_influences(x, y), exact) < 1e-5
+
+
+# ------------------------------------------------------------------------------ negative curvature
+
+
+def _reported(message: str) -> tuple[float, float]:
+    """(the smallest eigenvalue the message reports, the hessian_regularization it suggests)."""
+    smallest = float(
+        re.search(r"smallest eigenvalue is about (\S+) \(estimated by \d+ Lanczos", message).group(1)
+    )
+    suggested = float(re.search(r"hessian_regularization ≥ (\S+),", message).group(1))
+    return smallest, suggested
+
+
+@pytest.mark.parametrize("lam", [0.0, 1e-3])
+def test_negative_curvature_raises_not_positive_definite_with_a_sufficient_lambda(
+    untrained_mlp, untrained_mlp_curvature, ground_truth, lam
+):
+    """A random tanh MLP (explicit float64 Hessian: eigenvalues from about -0.65 to 1.41), full batch,
+    scale 2 above the largest eigenvalue: the iteration diverges only along negative curvature. It
+    raises NotPositiveDefiniteError, not LissaDivergenceError, with a λ that suffices; at that λ
+    LiSSA converges to the explicit solve."""
+    p = untrained_mlp
+    H = untrained_mlp_curvature["hessian"]
+    evals = torch.linalg.eigvalsh(H)
+    smallest, largest = evals[0].item(), evals[-1].item()
+    scale = 2.0
+    assert smallest + lam < 0 < largest + lam < scale
+    lissa = LissaInfluence(p.model, p.loss, lam, maxiter=3000, scale=scale).fit(p.loader())
+    with pytest.raises(NotPositiveDefiniteError) as info:
+        lissa.influences(p.x_test, p.y_test, p.x, p.y)
+    assert not isinstance(info.value, LissaDivergenceError)
+    message = str(info.value)
+    for part in ("LissaInfluence", "block 'model' on a mini-batch of 30 samples", "dampen", "GAUSS_NEWTON"):
+        assert part in message
+    estimate, suggested = _reported(message)
+    assert estimate == pytest.approx(smallest, rel=0.02)
+    assert -smallest < suggested < 1.2 * -smallest
+
+    fixed = LissaInfluence(p.model, p.loss, suggested, maxiter=3000, scale=largest + suggested, rtol=1e-7)
+    got = fixed.fit(p.loader()).influence_factors(p.x_test, p.y_test)
+    g_test = ground_truth.gradients(p.model, p.loss, p.x_test, p.y_test)
+    expected = torch.linalg.solve(H + suggested * torch.eye(H.shape[0], dtype=H.dtype), g_test.T).T
+    assert rel(got, expected) < 1e-4
+
+
+def test_negative_curvature_of_mini_batches_names_the_batch_size(untrained_mlp, ground_truth):
+    """Batches of 10: the estimate is that of one batch's curvature (explicit Hessians per batch)."""
+    p = untrained_mlp
+    lissa = LissaInfluence(p.model, p.loss, 1e-3, maxiter=3000, scale=4.0).fit(p.loader(10))
+    with pytest.raises(NotPositiveDefiniteError, match="on a mini-batch of 10 samples") as info:
+        lissa.influences(p.x_test, p.y_test, p.x, p.y)
+    estimate, suggested = _reported(str(info.value))
+    batch_smallest = [
+        torch.linalg.eigvalsh(ground_truth.hessian(p.model, p.loss, x, y))[0].item() for x, y in p.loader(10)
+    ]
+    assert min(abs(estimate - s) / abs(s) for s in batch_smallest) < 0.02
+    assert any(-s < suggested for s in batch_smallest)
+
+
+def test_dampen_that_covers_the_negative_curvature_converges(untrained_mlp, untrained_mlp_curvature):
+    """λ + dampen · scale above -λ_min: no error; the answer is that of λ + dampen · scale."""
+    p = untrained_mlp
+    H = untrained_mlp_curvature["hessian"]
+    lam, dampen, scale = 1e-3, 0.5, 2.0
+    shift = lam + dampen * scale
+    assert torch.linalg.eigvalsh(H)[0].item() + shift > 0
+    lissa = LissaInfluence(p.model, p.loss, lam, maxiter=2000, dampen=dampen, scale=scale, rtol=1e-9)
+    got = lissa.fit(p.loader()).influences(p.x_test, p.y_test, p.x, p.y)
+    direct = DirectInfluence(p.model, p.loss, shift).fit(p.loader())
+    assert rel(got, direct.influences(p.x_test, p.y_test, p.x, p.y)) < 1e-6
+
+
+def test_scale_too_small_on_a_positive_definite_curvature_stays_a_divergence_error(
+    untrained_mlp, untrained_mlp_curvature
+):
+    """H + λI positive definite (explicit eigenvalues), scale below half its largest eigenvalue: the
+    iteration diverges for the scale alone, and the error says so (LissaDivergenceError)."""
+    p = untrained_mlp
+    H = untrained_mlp_curvature["hessian"]
+    lam = 1.0
+    evals = torch.linalg.eigvalsh(H) + lam
+    assert evals[0] > 0 and evals[-1] / 0.3 > 2
+    lissa = LissaInfluence(p.model, p.loss, lam, maxiter=2000, scale=0.3).fit(p.loader())
+    with pytest.raises(LissaDivergenceError, match="Raise scale above the largest curvature eigenvalue"):
+        lissa.influences(p.x_test, p.y_test, p.x, p.y)
