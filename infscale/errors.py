@@ -126,3 +126,13 @@ class NonFiniteError(UserFixableError, ValueError):
     """NaN or infinite values where numbers must be finite: in the data, the model's parameters,
     the loss, or a computed result. The message names where (which batch, rows or parameter).
     Nothing is written to a store once such a value is seen."""
+
+
+class UnsupportedCurvatureError(UserFixableError, ValueError):
+    """The chosen ``second_order_mode`` needs derivatives PyTorch does not provide for a module of
+    the model (``nn.EmbeddingBag`` has no Hessian- or Gauss-Newton-vector products). The message
+    names the module and offers ``second_order_mode="empirical_fisher"``, which needs first-order
+    gradients only."""
+
+
+__all__.append("UnsupportedCurvatureError")

@@ -1,18 +1,26 @@
 """Products with the curvature of the mean training loss: Hessian, generalized Gauss-Newton
 matrix or empirical Fisher, as matrix-free products or as the explicit (dense) matrix of a block.
+
+Second-order products run inside ``kernels.derivative_kernels`` (the MATH attention backend, RNN
+kernels with the derivatives needed), with the user's settings restored afterwards. Inputs x are a
+tensor or a mapping of tensors (``model(**x)``); outputs may be any pytree (a HuggingFace
+``ModelOutput`` with a cache object): the Gauss-Newton products differentiate its floating tensors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
+from .capture import batch_size_of, call_with_state, split_outputs, take_rows
 from .data import ToDevice, device_batches, merged_batches
 from .factored import FactoredGradients
 from .gradients import GradientEngine
+from .kernels import check_curvature_support, derivative_kernels
 from .layout import LossFunction, ParameterLayout, SecondOrderMode, _Block, parse_enum
 from .memory import default_chunk_size, merge_limits, vector_chunk
 
@@ -29,6 +37,27 @@ def _jvp_with_target(fn, primal, tangent, y: Tensor):
     if y.is_floating_point() or y.is_complex():
         return jvp(fn, (primal, y), (tangent, torch.zeros_like(y)))[1]
     return jvp(lambda p: fn(p, y), (primal,), (tangent,))[1]
+
+
+def _linearized(outputs_of: Callable[[dict], Any], params: dict[str, Tensor], loss):
+    """For Gauss-Newton products: (f, out, vjp_fn, loss_grad) with f(params) the model's floating
+    output tensors (``capture.split_outputs``), out their detached values at ``params``, vjp_fn
+    the vector-Jacobian product of f there, and loss_grad(out, y) the gradient of the loss in them."""
+    rebuild: list = []
+
+    def f(ps: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        tensors, back = split_outputs(outputs_of(ps))
+        if not rebuild:
+            rebuild.append(back)
+        return tensors
+
+    out, vjp_fn = vjp(f, params)
+    out = tuple(o.detach() for o in out)
+
+    def loss_of(tensors: tuple[Tensor, ...], y: Tensor) -> Tensor:
+        return loss(rebuild[0](tensors), y)
+
+    return f, out, vjp_fn, grad(loss_of)
 
 
 class CurvatureOperator:
@@ -49,6 +78,10 @@ class CurvatureOperator:
         vector_chunk: products with at most this many vectors at once.
         engine: the block's per-sample gradient engine (empirical Fisher), to share one across
             operators (it remembers which inputs passed its check); default: a new one.
+
+    Raises:
+        UnsupportedCurvatureError: Hessian or Gauss-Newton mode with a block that holds the weight of
+            an ``nn.EmbeddingBag`` (PyTorch has neither derivative for it).
     """
 
     def __init__(
@@ -67,6 +100,7 @@ class CurvatureOperator:
         self.data = data
         self.block = block
         self.mode = parse_enum(SecondOrderMode, mode, "second_order_mode")
+        check_curvature_support(layout.model, layout.names(block), self.mode.value, "CurvatureOperator")
         self.to_device = to_device
         self.vector_chunk = vector_chunk
         self.params = layout.parameters(block)
@@ -76,16 +110,16 @@ class CurvatureOperator:
             engine = GradientEngine(layout, loss, block)
         self._engine = engine
 
-    def _gradients(self, x: Tensor, y: Tensor) -> tuple[GradientEngine, FactoredGradients | Tensor]:
+    def _gradients(self, x, y: Tensor) -> tuple[GradientEngine, FactoredGradients | Tensor]:
         """The block's per-sample gradients of one batch (factored where the model allows)."""
         engine = self._engine
-        return engine, engine.factored(x, y, default_chunk_size(engine.size, x.element_size()))
+        return engine, engine.factored(x, y, default_chunk_size(engine.size, self.layout.dtype.itemsize))
 
     @property
     def size(self) -> int:
         return self.block.size
 
-    def _batch_products(self, x: Tensor, y: Tensor) -> Callable[[Tensor], Tensor]:
+    def _batch_products(self, x, y: Tensor) -> Callable[[Tensor], Tensor]:
         """V (k, p_block) ↦ V Cᵀ for the curvature C of one batch's mean loss; the batch's
         graph is built once and reused for every chunk of vectors."""
         block, layout = self.block, self.layout
@@ -93,7 +127,7 @@ class CurvatureOperator:
         if self.mode is SecondOrderMode.EMPIRICAL_FISHER:
             # (1/b) Gᵀ (G v): two products with the batch's per-sample gradients
             engine, G = self._gradients(x, y)
-            b = x.shape[0]
+            b = batch_size_of(x)
 
             def fisher_products(V: Tensor) -> Tensor:
                 return engine.weighted_sums(engine.products(V, G), G) / b
@@ -102,7 +136,7 @@ class CurvatureOperator:
         if self.mode is SecondOrderMode.HESSIAN:
             # reverse over reverse: the vector-Jacobian product of the batch gradient
             def f(params):
-                return loss(functional_call(model, {**fixed, **params}, (x,)), y)
+                return loss(call_with_state(model, {**fixed, **params}, x), y)
 
             _, hvp = vjp(grad(f), self.params)
 
@@ -112,12 +146,9 @@ class CurvatureOperator:
 
             return hessian_products
 
-        def outputs(params):
-            return functional_call(model, {**fixed, **params}, (x,))
-
-        out, vjp_fn = vjp(outputs, self.params)
-        out = out.detach()
-        loss_grad = grad(loss)
+        outputs, out, vjp_fn, loss_grad = _linearized(
+            lambda params: call_with_state(model, {**fixed, **params}, x), self.params, loss
+        )
 
         def gauss_newton_products(V: Tensor) -> Tensor:
             jv = vmap(lambda t: jvp(outputs, (self.params,), (t,))[1])(layout.unflatten(V, block))
@@ -127,7 +158,7 @@ class CurvatureOperator:
 
         return gauss_newton_products
 
-    def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def _batches(self) -> Iterator[tuple]:
         """The non-empty (x, y) batches of the data, on the model's device; consecutive small
         batches are concatenated up to ``memory.MERGE_ROWS`` rows and ``memory.MERGE_BYTES`` bytes
         of input (the mean curvature is the same: every batch is weighted by its size)."""
@@ -139,18 +170,24 @@ class CurvatureOperator:
         total = torch.zeros_like(V)
         n = 0
         for x, y in self._batches():
-            b = x.shape[0]
-            products = self._batch_products(x, y)
-            chunk = self.vector_chunk or vector_chunk(b)
-            for s in range(0, V.shape[0], chunk):
-                total[s : s + chunk] += b * products(V[s : s + chunk])
+            b = batch_size_of(x)
+            with derivative_kernels(self.layout.model, self._order):
+                products = self._batch_products(x, y)
+                chunk = self.vector_chunk or vector_chunk(b)
+                for s in range(0, V.shape[0], chunk):
+                    total[s : s + chunk] += b * products(V[s : s + chunk])
             n += b
         self.n_products += 1
         if n == 0:
             raise ValueError("the training data is empty: it yielded no samples.")
         return total / n
 
-    def _unit_column_products(self, x: Tensor, y: Tensor, j: int) -> Callable[[Tensor], Tensor]:
+    @property
+    def _order(self) -> int:
+        """The order of the model's derivatives the products take: 1 for the empirical Fisher."""
+        return 1 if self.mode is SecondOrderMode.EMPIRICAL_FISHER else 2
+
+    def _unit_column_products(self, x, y: Tensor, j: int) -> Callable[[Tensor], Tensor]:
         """For one batch: V (k, numel_j), tangents that live in the block's parameter j only ↦
         their curvature products restricted to the rows of parameters j, j+1, …: (k, rows).
 
@@ -174,7 +211,7 @@ class CurvatureOperator:
             # reverse over reverse: the vector-Jacobian product of ∂L/∂θ_j over θ_j, θ_j+1, …
             def gradient_j(ps: dict[str, Tensor]) -> Tensor:
                 def f(pj: Tensor) -> Tensor:
-                    return loss(functional_call(model, {**const, **ps, name_j: pj}, (x,)), y)
+                    return loss(call_with_state(model, {**const, **ps, name_j: pj}, x), y)
 
                 return grad(f)(ps[name_j])
 
@@ -186,15 +223,12 @@ class CurvatureOperator:
 
             return hessian_rows
 
-        def outputs_rows(ps):
-            return functional_call(model, {**const, **ps}, (x,))
+        outputs_rows, out, vjp_fn, loss_grad = _linearized(
+            lambda ps: call_with_state(model, {**const, **ps}, x), {**others, name_j: p_j}, loss
+        )
 
         def outputs_j(pj):
-            return functional_call(model, {**const, **others, name_j: pj}, (x,))
-
-        out, vjp_fn = vjp(outputs_rows, {**others, name_j: p_j})
-        out = out.detach()
-        loss_grad = grad(loss)
+            return outputs_rows({**others, name_j: pj})
 
         def gauss_newton_rows(V: Tensor) -> Tensor:
             jv = vmap(lambda t: jvp(outputs_j, (p_j,), (t,))[1])(V.reshape(V.shape[0], *shape_j))
@@ -208,12 +242,13 @@ class CurvatureOperator:
         """(1/n) Σᵢ gᵢ gᵢᵀ accumulated into H, per-sample gradients a bounded chunk of rows at a time."""
         n = 0
         for x, y in self._batches():
-            rows = default_chunk_size(H.shape[0], x.element_size())
-            for s in range(0, x.shape[0], rows):
-                engine, G = self._gradients(x[s : s + rows], y[s : s + rows])
+            rows = default_chunk_size(H.shape[0], H.element_size())
+            b = batch_size_of(x)
+            for s in range(0, b, rows):
+                engine, G = self._gradients(take_rows(x, slice(s, s + rows)), y[s : s + rows])
                 G = engine.to_dense(G)
                 H.addmm_(G.T, G)
-            n += x.shape[0]
+            n += b
         self.n_products += 1
         if n == 0:
             raise ValueError("the training data is empty: it yielded no samples.")
@@ -236,16 +271,17 @@ class CurvatureOperator:
         columns = list(layout.offsets(block).values())
         n = 0
         for x, y in self._batches():
-            b = x.shape[0]
+            b = batch_size_of(x)
             chunk = self.vector_chunk or vector_chunk(b)
-            for j, numel in enumerate(block.numels):
-                o = columns[j].start
-                products = self._unit_column_products(x, y, j)
-                for s in range(0, numel, chunk):
-                    e = min(s + chunk, numel)
-                    V = torch.zeros(e - s, numel, dtype=layout.dtype, device=layout.device)
-                    V[torch.arange(e - s), torch.arange(s, e)] = 1
-                    H[o + s : o + e, o:] += b * products(V)
+            with derivative_kernels(layout.model, self._order):
+                for j, numel in enumerate(block.numels):
+                    o = columns[j].start
+                    products = self._unit_column_products(x, y, j)
+                    for s in range(0, numel, chunk):
+                        e = min(s + chunk, numel)
+                        V = torch.zeros(e - s, numel, dtype=layout.dtype, device=layout.device)
+                        V[torch.arange(e - s), torch.arange(s, e)] = 1
+                        H[o + s : o + e, o:] += b * products(V)
             n += b
         self.n_products += 1
         if n == 0:

@@ -1,7 +1,8 @@
 """Perturbation influences: derivatives of influences with respect to the training inputs.
 
 ``∂/∂x_j [f_i · ∇_θ ℓ(x_j, y_j)]`` for factors f_i = (H + λI)⁻¹ ∇ℓ(z_test,i), from the one per-sample
-loss closure of ``infscale.torch.capture``; the p × d mixed-derivative matrix is never formed.
+loss closure of ``infscale.torch.capture``; the p × d mixed-derivative matrix is never formed. They are
+second derivatives of the model: computed within ``kernels.derivative_kernels`` (MATH attention).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from torch import Tensor
 from torch.func import grad, jacfwd, jacrev, vmap
 
 from .capture import sample_loss
+from .kernels import derivative_kernels
 from .layout import LossFunction, ParameterLayout
 from .memory import default_chunk_size
 
@@ -51,7 +53,8 @@ def perturbation_influences(
     chunk = chunk_size or default_chunk_size(
         layout.n_parameters, x.element_size(), factor=max(1, min(factors.shape[0], n_features))
     )
-    parts = [per_sample(x[s : s + chunk], y[s : s + chunk]) for s in range(0, x.shape[0], chunk)]
+    with derivative_kernels(layout.model, 2):
+        parts = [per_sample(x[s : s + chunk], y[s : s + chunk]) for s in range(0, x.shape[0], chunk)]
     if not parts:
         return x.new_zeros((factors.shape[0], 0, *x.shape[1:]))
     return torch.cat(parts).transpose(0, 1)
@@ -75,8 +78,9 @@ def self_perturbation_influences(
 
     per_sample = vmap(grad(projected_grad), in_dims=(0, 0, 0))
     chunk = chunk_size or default_chunk_size(layout.n_parameters, x.element_size(), factor=2)
-    parts = [
-        per_sample(x[s : s + chunk], y[s : s + chunk], factors[s : s + chunk])
-        for s in range(0, x.shape[0], chunk)
-    ]
+    with derivative_kernels(layout.model, 2):
+        parts = [
+            per_sample(x[s : s + chunk], y[s : s + chunk], factors[s : s + chunk])
+            for s in range(0, x.shape[0], chunk)
+        ]
     return torch.cat(parts) if parts else x.new_zeros(x.shape)
