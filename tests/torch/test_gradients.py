@@ -212,6 +212,36 @@ def test_a_weight_used_outside_its_module_is_detected():
     )
 
 
+class OutsideUseLater(nn.Module):
+    """fc.weight is used outside fc only for samples whose first feature is positive (not sample 0):
+    the comparison of sample 0 cannot see it; the batch sum must."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        gate = (x[:, :1] > 0).to(x.dtype)
+        return self.head(h + gate * torch.tanh(nn.functional.linear(h, self.fc.weight)))
+
+
+def test_an_outside_use_that_sample_0_does_not_make_is_detected_by_the_batch_sum():
+    torch.manual_seed(5)
+    x, y = data()
+    x[0, 0] = -1.0
+    assert (x[1:, 0] > 0).any()
+    check(
+        OutsideUseLater(),
+        nn.functional.cross_entropy,
+        x,
+        y,
+        expect_factored=False,
+        routes={"fc.weight": "vmap"},
+    )
+
+
 class Tied(nn.Module):
     def __init__(self):
         super().__init__()
