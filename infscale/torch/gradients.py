@@ -141,7 +141,13 @@ class GradientEngine(FactoredProducts):
     def _batched_allowed(self) -> bool:
         if not self.coverage.modules:
             return False
-        return not any(m.training for m in self.model.modules() if isinstance(m, _TRAINING_SENSITIVE))
+        # batch norm in training mode mixes samples, dropout draws masks: not a per-sample function
+        # (dropout with p = 0, as in HuggingFace configs fine-tuned without it, changes nothing)
+        return not any(
+            m.training and not (isinstance(m, nn.modules.dropout._DropoutNd) and m.p == 0)
+            for m in self.model.modules()
+            if isinstance(m, _TRAINING_SENSITIVE)
+        )
 
     # ---------------------------------------------------------------- fallbacks
     def _warn_loop(self, names: list[str], reason: str) -> None:

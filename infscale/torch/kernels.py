@@ -5,6 +5,8 @@ Some fast kernels have no derivative of the order a computation needs:
 - ``F.scaled_dot_product_attention`` (HuggingFace BERT/GPT-2, ``nn.MultiheadAttention``) dispatches to
   flash / memory-efficient kernels whose backward has no derivative: Hessian- and Gauss-Newton-vector
   products and mixed derivatives need the MATH backend.
+- ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention`` take a fused inference fast path when no
+  input requires grad (as under ``jvp``), which has no forward-mode derivative: it is switched off.
 - Under ``vmap`` (per-sample gradients of modules the batched pass does not cover), the fused
   attention kernels have no batching rule: ``vmap_kernels`` selects the MATH backend there too.
 - The oneDNN (mkldnn) LSTM kernel of float32 CPU models has no forward-mode derivative (Gauss-Newton
@@ -51,12 +53,23 @@ def needs_kernel_switch(model: nn.Module, order: int) -> bool:
 
 
 @contextmanager
+def _no_mha_fastpath() -> Iterator[None]:
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
+@contextmanager
 def derivative_kernels(model: nn.Module, order: int) -> Iterator[None]:
     """Within the block, ``model``'s derivatives of ``order`` (1: gradients; 2: Hessian-, Gauss-Newton-
     vector products, mixed derivatives) are computable:
 
-    - order 2: scaled-dot-product attention on the MATH backend (``torch.nn.attention.sdpa_kernel``);
-      with RNN modules, oneDNN off (float32 forward-mode derivatives) and cuDNN off (double backward);
+    - order 2: scaled-dot-product attention on the MATH backend (``torch.nn.attention.sdpa_kernel``),
+      the fused transformer fast path off (``torch.backends.mha``); with RNN modules, oneDNN off
+      (float32 forward-mode derivatives) and cuDNN off (double backward);
     - order 1: with RNN modules on a CUDA device, cuDNN off (its RNN backward needs training mode).
 
     The previous settings come back when the block ends, also on an error.
@@ -67,6 +80,7 @@ def derivative_kernels(model: nn.Module, order: int) -> Iterator[None]:
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            stack.enter_context(_no_mha_fastpath())
             if rnn:
                 stack.enter_context(_flag(torch.backends.mkldnn, "enabled", False))
         if rnn and (order >= 2 or _on_cuda(model)):
@@ -78,10 +92,11 @@ def derivative_kernels(model: nn.Module, order: int) -> Iterator[None]:
 def vmap_kernels() -> Iterator[None]:
     """Within the block, scaled-dot-product attention runs on the MATH backend, whose operations
     ``vmap`` batches (the fused kernels have no batching rule: vmap would loop over the samples
-    inside, with a warning). The previous setting comes back afterwards."""
+    inside, with a warning), and the fused transformer fast path is off. The previous settings come
+    back afterwards."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel(SDPBackend.MATH):
+    with sdpa_kernel(SDPBackend.MATH), _no_mha_fastpath():
         yield
 
 

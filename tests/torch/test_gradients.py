@@ -292,6 +292,14 @@ def test_training_mode_batch_norm_never_takes_the_batched_path():
     check(model, nn.functional.cross_entropy, x, y, expect_factored=True)
 
 
+def test_training_mode_dropout_without_dropping_stays_on_the_batched_path():
+    model = nn.Sequential(nn.Linear(5, 4), nn.Dropout(0.0), nn.Tanh(), nn.Linear(4, 3)).train()
+    x, y = data()
+    check(model, nn.functional.cross_entropy, x, y, expect_factored=True)
+    model[1].p = 0.5  # now it draws masks: no per-sample function to take gradients of
+    assert not gradient_engine(ParameterLayout(model), nn.functional.cross_entropy)._batched_allowed()
+
+
 def test_influences_through_the_factored_path_match_dense_gradients():
     """End to end: DirectInfluence's influences (factored training gradients) equal the
     explicit ∇ℓ_testᵀ (H + λI)⁻¹ ∇ℓ_train with an autograd Hessian."""

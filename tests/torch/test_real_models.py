@@ -251,13 +251,18 @@ def test_float32_lstm_gauss_newton_products(truth):
     assert _rel(got.double(), expected) < 1e-4
 
 
-def test_attention_backend_is_restored_after_hessian_products(workloads):
+def test_attention_settings_are_restored_after_hessian_products(workloads):
     w = workloads["bert"]
-    flash, math = torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()
+
+    def settings():
+        cuda = torch.backends.cuda
+        return cuda.flash_sdp_enabled(), cuda.math_sdp_enabled(), torch.backends.mha.get_fastpath_enabled()
+
+    before = settings()
     layout = ParameterLayout(w.model)
     op = CurvatureOperator(layout, w.loss_fn, w.train, layout.blocks[0], "hessian", lambda a, c: (a, c))
     op.matmat(torch.ones(1, layout.n_parameters, dtype=torch.float64))
-    assert (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()) == (flash, math)
+    assert settings() == before
 
 
 # ------------------------------------------------------------------------------ dict batches
@@ -287,3 +292,66 @@ def test_dict_batches_direct_and_cg(workloads, truth, name, mode):
         method.fit(w.train)
         got = torch.cat([method.influences(x_test, y_test, *ref.split_batch(b)) for b in w.train], dim=1)
         assert _rel(got, expected) < 1e-6
+
+
+# ------------------------------------------------------------------------------ perturbation, torch encoder
+
+
+def test_perturbation_influences_of_the_lstm(workloads, truth):
+    """∂/∂x_j [fᵢ · ∇θ ℓ(x_j, y_j)], fᵢ = (G + λI)⁻¹ ∇ℓ(z_test,i), by double backward on the model itself,
+    one sample at a time (vmap cannot trace the LSTM's default initial state: infscale loops too)."""
+    w, t = workloads["lstm"], truth["lstm"]
+    lam = 0.1
+    M = t.curvature["gauss_newton"]
+    factors = torch.linalg.solve(M + lam * torch.eye(M.shape[0], dtype=M.dtype), t.test_gradients.T).T
+    _, params = ref.trainable_parameters(w.model)
+    x, y = _xy(w.train)
+    expected = torch.zeros(factors.shape[0], *x.shape, dtype=x.dtype)
+    for j in range(x.shape[0]):
+        xj = x[j : j + 1].clone().requires_grad_(True)
+        grads = torch.autograd.grad(w.loss_fn(w.model(xj), y[j : j + 1]), params, create_graph=True)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        for i in range(factors.shape[0]):
+            expected[i, j] = torch.autograd.grad(factors[i] @ flat, xj, retain_graph=True)[0][0]
+    direct = DirectInfluence(w.model, w.loss_fn, lam, second_order_mode="gauss_newton").fit(w.train)
+    with pytest.warns(UserWarning, match="one sample at a time"):
+        got = direct.influences(*_xy(w.test), x, y, mode="perturbation")
+    assert _rel(got, expected) < 1e-8
+
+
+class Encoder(nn.Module):
+    """torch's own TransformerEncoder (MultiheadAttention: SDPA inside, out_proj used functionally)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(rm.VOCAB, 4, padding_idx=rm.PAD)
+        layer = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self.encoder(self.embed(ids), src_key_padding_mask=ids == rm.PAD)
+        return self.head(h[:, 0])
+
+
+@pytest.mark.parametrize("mode", SECOND_ORDER)
+def test_torch_transformer_encoder(workloads, mode):
+    """Per-sample gradients and Direct influences equal the references, as for the HuggingFace models."""
+    text = workloads["embedding"]
+    torch.manual_seed(0)
+    model = Encoder().double().eval()
+    w = rm.Workload(model, text.loss_fn, text.train, text.test)
+    g_train = ref.per_sample_gradients(model, w.loss_fn, w.train)
+    engine = gradient_engine(ParameterLayout(model), w.loss_fn)
+    torch.testing.assert_close(
+        torch.cat([engine.gradients(*b, 4) for b in w.train]), g_train, rtol=0, atol=1e-8
+    )
+    M = (
+        ref.hessian(model, w.loss_fn, w.train)
+        if mode == "hessian"
+        else ref.gauss_newton(model, w.loss_fn, w.train)
+    )
+    lam = max(0.1, 0.5 - float(torch.linalg.eigvalsh(M)[0]))
+    expected = ref.influences(ref.per_sample_gradients(model, w.loss_fn, w.test), M, g_train, lam)
+    direct = DirectInfluence(model, w.loss_fn, lam, second_order_mode=mode)
+    assert _rel(_influences(direct, w), expected) < 1e-6
