@@ -63,7 +63,7 @@ class Coverage:
     dense: list[_DenseUse]
     uncovered: list[str]
     modules: list[nn.Module] = field(default_factory=list)  # every module the pass hooks
-    kinds: dict[int, LayerKind] = field(default_factory=dict)  # id(module) → its kind
+    kinds: list[LayerKind] = field(default_factory=list)  # the kind of each module, in order
 
     @property
     def dense_names(self) -> list[str]:
@@ -108,7 +108,7 @@ class Coverage:
                 dense.append(_DenseUse(m, kind, mine_dense))
         modules = list(dict.fromkeys([layer.module for layer in layers] + [use.module for use in dense]))
         uncovered = [n for n in names if n not in covered]
-        return Coverage(layers, dense, uncovered, modules, {id(m): kinds[id(m)] for m in modules})
+        return Coverage(layers, dense, uncovered, modules, [kinds[id(m)] for m in modules])
 
     def bad_names(self, captured: Captured) -> set[str]:
         """The names held by a module whose calls in ``captured`` were not batches of n samples."""
@@ -182,10 +182,9 @@ def capture(
         grown = []
         state = live_state(params, fixed)
         outputs, records = capture_layer_calls(model, coverage.modules, state, x)
-    kinds = coverage.kinds
     expanded, bad, kept = bool(grown), set(), []
-    for m, calls in zip(coverage.modules, records):
-        if not all(kinds[id(m)].valid(m, a, o, n) for a, o in calls):
+    for m, kind, calls in zip(coverage.modules, coverage.kinds, records):
+        if not all(kind.valid(m, a, o, n) for a, o in calls):
             bad.add(id(m))
         else:
             kept.append((m, calls))

@@ -29,6 +29,7 @@ samples interact, is checked at run time by the engine, not assumed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -64,8 +65,8 @@ class LayerKind:
 
     def shape(self, m: nn.Module) -> tuple[int, int]:
         """(rows, cols) of the weight in its stored layout (factored kinds)."""
-        w = m.weight
-        return int(w.shape[0]), int(w[0].numel())
+        shape = m.weight.shape
+        return int(shape[0]), math.prod(shape[1:])
 
     def factors(self, m: nn.Module, a: Tensor, d: Tensor, n: int) -> tuple[Tensor, Tensor]:
         """(A (n, T, cols), D (n, T, rows)) of one call (factored kinds)."""

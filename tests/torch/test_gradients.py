@@ -378,3 +378,16 @@ def test_the_check_runs_once_per_input_signature(monkeypatch):
     soft = torch.softmax(torch.randn(4, 2), dim=1)  # class probabilities: another target signature
     engine.factored(torch.randn(4, 3), soft, 64)
     assert len(checks) == 2
+
+
+def test_an_engine_shipped_to_another_process_still_works():
+    """Dask workers get a pickled copy: nothing in the engine may be keyed by the old objects' ids."""
+    import pickle
+
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 3))
+    engine = pickle.loads(pickle.dumps(gradient_engine(ParameterLayout(model), nn.functional.cross_entropy)))
+    x, y = data()
+    expected = reference_gradients(engine.model, engine.loss, x, y)
+    torch.testing.assert_close(engine.gradients(x, y, 4), expected)
+    assert set(engine.routes(x, y).values()) == {"batched"}
