@@ -165,7 +165,10 @@ class GradientEngine(FactoredProducts):
         params = self.parameters
         varying = {k: params[k] for k in names}
         fixed = {**self.fixed, **{k: p for k, p in params.items() if k not in varying}}
-        with vmap_kernels():
+        with vmap_kernels(), warnings.catch_warnings():
+            # an operation without a batching rule (nn.EmbeddingBag's) is looped over inside vmap:
+            # slower, the same values, nothing the user can change
+            warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)
             return vmap_gradients(self.model, self.loss, varying, fixed, x, y)
 
     def _vmap_failed(self, error: Exception) -> None:
