@@ -320,6 +320,9 @@ class GradientEngine(FactoredProducts):
         n, rows_per_pass = batch_size_of(x), pass_rows()
         out = torch.empty(n, self.size, dtype=self._dtype, device=self.layout.device)
         with self._kernels():
+            if n <= rows_per_pass:  # one pass (the common case): no slicing
+                self._batched_into(out, x, y, chunk_size)
+                return out
             for s in range(0, n, rows_per_pass):
                 rows = slice(s, s + rows_per_pass)
                 self._batched_into(out[rows], take_rows(x, rows), y[rows], chunk_size)
@@ -350,7 +353,7 @@ class GradientEngine(FactoredProducts):
         with self._kernels():
             for s in range(0, n, rows_per_pass):
                 rows = slice(s, s + rows_per_pass)
-                xs, ys = take_rows(x, rows), y[rows]
+                xs, ys = (x, y) if n <= rows_per_pass else (take_rows(x, rows), y[rows])
                 signature = self._signature(xs, ys)
                 verdict = self._verdicts.get(signature)
                 cap = self._capture(xs, ys, with_total=verdict is None)
