@@ -64,6 +64,8 @@ class _Verdict:
 
     failed: frozenset[str] = frozenset()  # batched parameters whose gradients differed: vmap (or loop)
     loop: frozenset[str] = frozenset()  # vmap parameters whose gradients differed: the loop
+    rows: int = 0  # samples in the checked batch (one sample cannot show samples that interact)
+    expanded: bool = False  # whether the checked pass expanded a broadcast output
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -293,7 +295,26 @@ class GradientEngine(FactoredProducts):
                 loop = {
                     k for k in traced if _differ(g[k][0].reshape(-1), reference[k], reference[k].norm(), tol)
                 }
-        return _Verdict(frozenset(failed), frozenset(loop))
+        return _Verdict(frozenset(failed), frozenset(loop), cap.n, cap.expanded)
+
+    def _unchecked(self, signature: tuple, x: Any, expanded: bool) -> bool:
+        """Whether a batch like x needs the check: its signature was never checked, or only on one
+        sample (which cannot show samples that interact), or without the broadcast outputs this pass
+        expanded (the expansion itself must be shown harmless)."""
+        verdict = self._verdicts.get(signature)
+        return (
+            verdict is None
+            or (verdict.rows < 2 and batch_size_of(x) >= 2)
+            or (expanded and not verdict.expanded)
+        )
+
+    def _verdict(
+        self, signature: tuple, x: Any, y: Tensor, cap: Captured, dense: Tensor, columns, bad: set[str]
+    ) -> _Verdict:
+        """The check's outcome for this batch: remembered for its signature, or found now."""
+        if self._unchecked(signature, x, cap.expanded):
+            self._verdicts[signature] = self._verify(x, y, cap, dense, columns, bad)
+        return self._verdicts[signature]
 
     def _batched_into(self, out: Tensor, x: Any, y: Tensor, chunk: int) -> None:
         """All per-sample gradients of x into ``out`` (n, size): batched where the check allows."""
@@ -301,15 +322,13 @@ class GradientEngine(FactoredProducts):
             self._fallback_into(out, self.offsets, self.names, x, y, chunk, _Verdict())
             return
         signature = self._signature(x, y)
-        verdict = self._verdicts.get(signature)
-        cap = self._capture(x, y, with_total=verdict is None)
+        cap = self._capture(x, y, with_total=self._unchecked(signature, x, False))
         bad = self.coverage.bad_names(cap)
         for layer in self.layers:
             if id(layer.module) not in cap.bad:
                 self._layer_gradient_into(out, layer, *cap.factors(layer, self._dtype))
         self._fill_dense(cap, out, self.offsets)
-        if verdict is None:
-            verdict = self._verdicts[signature] = self._verify(x, y, cap, out, self.offsets, bad)
+        verdict = self._verdict(signature, x, y, cap, out, self.offsets, bad)
         uncovered = set(self.coverage.uncovered)
         fallback = [k for k in self.names if k in uncovered or k in verdict.failed or k in bad]
         self._fallback_into(out, self.offsets, fallback, x, y, chunk, verdict)
@@ -331,7 +350,7 @@ class GradientEngine(FactoredProducts):
     def routes(self, x: Any, y: Tensor) -> dict[str, str]:
         """name → how its per-sample gradients come for inputs like x: "batched", "vmap" or "loop"
         (runs the check on the first two samples if inputs like x have not been seen)."""
-        if self._batched_allowed() and self._signature(x, y) not in self._verdicts:
+        if self._batched_allowed() and self._unchecked(self._signature(x, y), x, False):
             self.gradients(take_rows(x, slice(0, 2)), y[:2], 2)
         verdict = self._verdicts.get(self._signature(x, y), _Verdict())
         fallback = (
@@ -355,14 +374,10 @@ class GradientEngine(FactoredProducts):
                 rows = slice(s, s + rows_per_pass)
                 xs, ys = (x, y) if n <= rows_per_pass else (take_rows(x, rows), y[rows])
                 signature = self._signature(xs, ys)
-                verdict = self._verdicts.get(signature)
-                cap = self._capture(xs, ys, with_total=verdict is None)
+                cap = self._capture(xs, ys, with_total=self._unchecked(signature, xs, False))
                 bad = self.coverage.bad_names(cap)
                 self._fill_dense(cap, rest[rows], self.rest_columns)
-                if verdict is None:
-                    verdict = self._verdicts[signature] = self._verify(
-                        xs, ys, cap, rest[rows], self.rest_columns, bad
-                    )
+                verdict = self._verdict(signature, xs, ys, cap, rest[rows], self.rest_columns, bad)
                 if any(k in verdict.failed or k in bad for k in factored_names):
                     return self.gradients(x, y, chunk_size)
                 parts.append([cap.factors(layer, self._dtype) for layer in self.layers])

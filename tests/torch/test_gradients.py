@@ -281,6 +281,42 @@ def test_interacting_samples_are_detected():
     check(BatchCentering(), nn.functional.cross_entropy, x, y, expect_factored=False, routes=routes)
 
 
+def test_a_check_on_one_sample_is_repeated_on_a_batch():
+    """One sample cannot show samples that interact: a batch of the same signature is checked again."""
+    torch.manual_seed(7)
+    x, y = data()
+    model = BatchCentering()
+    engine = gradient_engine(ParameterLayout(model), nn.functional.cross_entropy)
+    engine.gradients(x[:1], y[:1], 4)
+    torch.testing.assert_close(engine.gradients(x, y, 4), reference_gradients(model, engine.loss, x, y))
+    assert set(engine.routes(x, y).values()) == {"vmap"}
+
+
+class SummedQuery(nn.Module):
+    """``proj`` runs on a (1, 5) parameter: its output is expanded to one row per sample, which the
+    ``.sum(0)`` after it does not tolerate. The check must see that (also after a one-sample batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 5))
+        self.proj = nn.Linear(5, 5)
+        self.head = nn.Linear(1, 3)
+
+    def forward(self, x):
+        k = torch.tanh(self.proj(self.query)).sum(0)  # (5,)
+        return self.head((x @ k).unsqueeze(1))
+
+
+def test_an_expanded_output_the_model_does_not_tolerate_is_caught():
+    torch.manual_seed(8)
+    x, y = data()
+    model = SummedQuery()
+    engine = gradient_engine(ParameterLayout(model), nn.functional.cross_entropy)
+    engine.gradients(x[:1], y[:1], 4)
+    torch.testing.assert_close(engine.gradients(x, y, 4), reference_gradients(model, engine.loss, x, y))
+    assert engine.routes(x, y)["proj.weight"] == "vmap"
+
+
 def test_training_mode_batch_norm_never_takes_the_batched_path():
     model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
     engine = gradient_engine(ParameterLayout(model), nn.functional.cross_entropy)
