@@ -18,7 +18,7 @@ tensors, so their ``requires_grad`` and values stay as the user left them.
 
 Inputs ``x`` are a tensor (passed as ``model(x)``) or a mapping of tensors (passed as
 ``model(**x)``), touched only through the batch helpers below (``batch_size_of``, ``take_rows``,
-``call_model``).
+``call_with_state``, ``input_signature``): minimal versions of those of ``infscale.torch.data``.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ SampleLoss = Callable[[Mapping[str, Tensor], Mapping[str, Tensor], Any, Tensor],
 
 
 # ------------------------------------------------------------------------------ batches
-# Minimal private versions of the batch helpers of ``infscale.torch.data`` (x: a tensor or a
-# mapping of tensors with the samples along dim 0).
+# Minimal versions of the batch helpers of ``infscale.torch.data`` (x: a tensor or a mapping of
+# tensors with the samples along dim 0), not exported: the torch core's own modules use them.
 
 
 def batch_size_of(x: Any) -> int:
@@ -61,11 +61,6 @@ def take_rows(x: Any, index) -> Any:
     if isinstance(x, Mapping):
         return {k: v[index] for k, v in x.items()}
     return x[index]
-
-
-def call_model(model_fn: Callable, x: Any) -> Any:
-    """``model_fn(**x)`` for a mapping, else ``model_fn(x)``."""
-    return model_fn(**x) if isinstance(x, Mapping) else model_fn(x)
 
 
 def call_with_state(model: nn.Module, state: Mapping[str, Tensor], x: Any) -> Any:
