@@ -339,7 +339,7 @@ class GradientEngine(FactoredProducts):
         n, rows_per_pass = batch_size_of(x), pass_rows()
         out = torch.empty(n, self.size, dtype=self._dtype, device=self.layout.device)
         with self._kernels():
-            if n <= rows_per_pass:  # one pass (the common case): no slicing
+            if 0 < n <= rows_per_pass:  # one pass (the common case): no slicing
                 self._batched_into(out, x, y, chunk_size)
                 return out
             for s in range(0, n, rows_per_pass):
