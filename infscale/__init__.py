@@ -29,6 +29,7 @@ from .errors import (
     StoreMismatchError,
     ThreadSafetyViolationError,
     TrainingModeError,
+    UnsupportedCurvatureError,
     UnalignedChunksError,
     UnsupportedInfluenceModeError,
     UserFixableError,
@@ -63,6 +64,7 @@ __all__ = [
     "ModelInputError",
     "NonFiniteError",
     "TrainingModeError",
+    "UnsupportedCurvatureError",
     "__version__",
 ]
 

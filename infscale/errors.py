@@ -152,3 +152,13 @@ class TrainingModeError(UserFixableError, ValueError):
     """The model is in training mode and holds modules whose function differs in training mode
     (dropout, batch norm, or any module whose ``forward`` reads ``self.training``): influences need
     the deterministic function, so call ``model.eval()``. infscale never changes the model's mode."""
+
+
+class UnsupportedCurvatureError(UserFixableError, ValueError):
+    """The chosen ``second_order_mode`` needs derivatives PyTorch does not provide for a module of
+    the model (``nn.EmbeddingBag`` has no Hessian- or Gauss-Newton-vector products). The message
+    names the module and offers ``second_order_mode="empirical_fisher"``, which needs first-order
+    gradients only."""
+
+
+__all__.append("UnsupportedCurvatureError")

@@ -517,6 +517,7 @@ def _instances() -> dict[type, BaseException]:
         errors.FeatureShapeError: errors.FeatureShapeError("x_test has 5 features; fitted on 4"),
         errors.ModelInputError: errors.ModelInputError("x (int64) could not go through the model"),
         errors.TrainingModeError: errors.TrainingModeError("call model.eval()"),
+        errors.UnsupportedCurvatureError: errors.UnsupportedCurvatureError("use empirical_fisher"),
     }
 
 

@@ -1,18 +1,26 @@
 """Products with the curvature of the mean training loss: Hessian, generalized Gauss-Newton
 matrix or empirical Fisher, as matrix-free products or as the explicit (dense) matrix of a block.
+
+Second-order products run inside ``kernels.derivative_kernels`` (the MATH attention backend, RNN
+kernels with the derivatives needed), with the user's settings restored afterwards. Inputs x are a
+tensor or a mapping of tensors (``model(**x)``); outputs may be any pytree (a HuggingFace
+``ModelOutput`` with a cache object): the Gauss-Newton products differentiate its floating tensors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
+from .capture import split_outputs
 from .data import ToDevice, batch_size_of, call_model, device_batches, merged_batches, take_rows
 from .factored import FactoredGradients
 from .gradients import GradientEngine
+from .kernels import check_curvature_support, derivative_kernels
 from .layout import LossFunction, ParameterLayout, SecondOrderMode, _Block, parse_enum
 from .memory import default_chunk_size, merge_limits, vector_chunk
 
@@ -29,6 +37,27 @@ def _jvp_with_target(fn, primal, tangent, y: Tensor):
     if y.is_floating_point() or y.is_complex():
         return jvp(fn, (primal, y), (tangent, torch.zeros_like(y)))[1]
     return jvp(lambda p: fn(p, y), (primal,), (tangent,))[1]
+
+
+def _linearized(outputs_of: Callable[[dict], Any], params: dict[str, Tensor], loss):
+    """For Gauss-Newton products: (f, out, vjp_fn, loss_grad) with f(params) the model's floating
+    output tensors (``capture.split_outputs``), out their detached values at ``params``, vjp_fn
+    the vector-Jacobian product of f there, and loss_grad(out, y) the gradient of the loss in them."""
+    rebuild: list = []
+
+    def f(ps: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        tensors, back = split_outputs(outputs_of(ps))
+        if not rebuild:
+            rebuild.append(back)
+        return tensors
+
+    out, vjp_fn = vjp(f, params)
+    out = tuple(o.detach() for o in out)
+
+    def loss_of(tensors: tuple[Tensor, ...], y: Tensor) -> Tensor:
+        return loss(rebuild[0](tensors), y)
+
+    return f, out, vjp_fn, grad(loss_of)
 
 
 class CurvatureOperator:
@@ -49,6 +78,10 @@ class CurvatureOperator:
         vector_chunk: products with at most this many vectors at once.
         engine: the block's per-sample gradient engine (empirical Fisher), to share one across
             operators (it remembers which inputs passed its check); default: a new one.
+
+    Raises:
+        UnsupportedCurvatureError: Hessian or Gauss-Newton mode with a block that holds the weight of
+            an ``nn.EmbeddingBag`` (PyTorch has neither derivative for it).
     """
 
     def __init__(
@@ -67,6 +100,7 @@ class CurvatureOperator:
         self.data = data
         self.block = block
         self.mode = parse_enum(SecondOrderMode, mode, "second_order_mode")
+        check_curvature_support(layout.model, layout.names(block), self.mode.value, "CurvatureOperator")
         self.to_device = to_device
         self.vector_chunk = vector_chunk
         self.params = layout.parameters(block)
@@ -76,7 +110,7 @@ class CurvatureOperator:
             engine = GradientEngine(layout, loss, block)
         self._engine = engine
 
-    def _gradients(self, x: Tensor, y: Tensor) -> tuple[GradientEngine, FactoredGradients | Tensor]:
+    def _gradients(self, x, y: Tensor) -> tuple[GradientEngine, FactoredGradients | Tensor]:
         """The block's per-sample gradients of one batch (factored where the model allows)."""
         engine = self._engine
         return engine, engine.factored(x, y, default_chunk_size(engine.size, self.layout.dtype.itemsize))
@@ -85,7 +119,7 @@ class CurvatureOperator:
     def size(self) -> int:
         return self.block.size
 
-    def _batch_products(self, x: Tensor, y: Tensor) -> Callable[[Tensor], Tensor]:
+    def _batch_products(self, x, y: Tensor) -> Callable[[Tensor], Tensor]:
         """V (k, p_block) ↦ V Cᵀ for the curvature C of one batch's mean loss; the batch's
         graph is built once and reused for every chunk of vectors."""
         block, layout = self.block, self.layout
@@ -112,12 +146,9 @@ class CurvatureOperator:
 
             return hessian_products
 
-        def outputs(params):
-            return call_model(model, x, {**fixed, **params})
-
-        out, vjp_fn = vjp(outputs, self.params)
-        out = out.detach()
-        loss_grad = grad(loss)
+        outputs, out, vjp_fn, loss_grad = _linearized(
+            lambda params: call_model(model, x, {**fixed, **params}), self.params, loss
+        )
 
         def gauss_newton_products(V: Tensor) -> Tensor:
             jv = vmap(lambda t: jvp(outputs, (self.params,), (t,))[1])(layout.unflatten(V, block))
@@ -127,7 +158,7 @@ class CurvatureOperator:
 
         return gauss_newton_products
 
-    def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def _batches(self) -> Iterator[tuple]:
         """The non-empty (x, y) batches of the data, on the model's device; consecutive small
         batches are concatenated up to ``memory.MERGE_ROWS`` rows and ``memory.MERGE_BYTES`` bytes
         of input (the mean curvature is the same: every batch is weighted by its size)."""
@@ -140,17 +171,23 @@ class CurvatureOperator:
         n = 0
         for x, y in self._batches():
             b = batch_size_of(x)
-            products = self._batch_products(x, y)
-            chunk = self.vector_chunk or vector_chunk(b)
-            for s in range(0, V.shape[0], chunk):
-                total[s : s + chunk] += b * products(V[s : s + chunk])
+            with derivative_kernels(self.layout.model, self._order):
+                products = self._batch_products(x, y)
+                chunk = self.vector_chunk or vector_chunk(b)
+                for s in range(0, V.shape[0], chunk):
+                    total[s : s + chunk] += b * products(V[s : s + chunk])
             n += b
         self.n_products += 1
         if n == 0:
             raise ValueError("the training data is empty: it yielded no samples.")
         return total / n
 
-    def _unit_column_products(self, x: Tensor, y: Tensor, j: int) -> Callable[[Tensor], Tensor]:
+    @property
+    def _order(self) -> int:
+        """The order of the model's derivatives the products take: 1 for the empirical Fisher."""
+        return 1 if self.mode is SecondOrderMode.EMPIRICAL_FISHER else 2
+
+    def _unit_column_products(self, x, y: Tensor, j: int) -> Callable[[Tensor], Tensor]:
         """For one batch: V (k, numel_j), tangents that live in the block's parameter j only ↦
         their curvature products restricted to the rows of parameters j, j+1, …: (k, rows).
 
@@ -186,15 +223,12 @@ class CurvatureOperator:
 
             return hessian_rows
 
-        def outputs_rows(ps):
-            return call_model(model, x, {**const, **ps})
+        outputs_rows, out, vjp_fn, loss_grad = _linearized(
+            lambda ps: call_model(model, x, {**const, **ps}), {**others, name_j: p_j}, loss
+        )
 
         def outputs_j(pj):
-            return call_model(model, x, {**const, **others, name_j: pj})
-
-        out, vjp_fn = vjp(outputs_rows, {**others, name_j: p_j})
-        out = out.detach()
-        loss_grad = grad(loss)
+            return outputs_rows({**others, name_j: pj})
 
         def gauss_newton_rows(V: Tensor) -> Tensor:
             jv = vmap(lambda t: jvp(outputs_j, (p_j,), (t,))[1])(V.reshape(V.shape[0], *shape_j))
@@ -209,11 +243,12 @@ class CurvatureOperator:
         n = 0
         for x, y in self._batches():
             rows = default_chunk_size(H.shape[0], H.element_size())
-            for s in range(0, batch_size_of(x), rows):
+            b = batch_size_of(x)
+            for s in range(0, b, rows):
                 engine, G = self._gradients(take_rows(x, slice(s, s + rows)), y[s : s + rows])
                 G = engine.to_dense(G)
                 H.addmm_(G.T, G)
-            n += batch_size_of(x)
+            n += b
         self.n_products += 1
         if n == 0:
             raise ValueError("the training data is empty: it yielded no samples.")
@@ -238,14 +273,15 @@ class CurvatureOperator:
         for x, y in self._batches():
             b = batch_size_of(x)
             chunk = self.vector_chunk or vector_chunk(b)
-            for j, numel in enumerate(block.numels):
-                o = columns[j].start
-                products = self._unit_column_products(x, y, j)
-                for s in range(0, numel, chunk):
-                    e = min(s + chunk, numel)
-                    V = torch.zeros(e - s, numel, dtype=layout.dtype, device=layout.device)
-                    V[torch.arange(e - s), torch.arange(s, e)] = 1
-                    H[o + s : o + e, o:] += b * products(V)
+            with derivative_kernels(layout.model, self._order):
+                for j, numel in enumerate(block.numels):
+                    o = columns[j].start
+                    products = self._unit_column_products(x, y, j)
+                    for s in range(0, numel, chunk):
+                        e = min(s + chunk, numel)
+                        V = torch.zeros(e - s, numel, dtype=layout.dtype, device=layout.device)
+                        V[torch.arange(e - s), torch.arange(s, e)] = 1
+                        H[o + s : o + e, o:] += b * products(V)
             n += b
         self.n_products += 1
         if n == 0:

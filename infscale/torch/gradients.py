@@ -1,57 +1,53 @@
-"""Per-sample gradients, fast: ``nn.Linear`` layers from one batched forward/backward.
+"""Per-sample gradients that do not depend on vmap tracing the user's forward.
 
-The per-sample gradient of a linear layer ``z = W a + b`` is ``δ aᵀ`` (and ``δ`` for the
-bias), where ``a`` is the layer's input and ``δ = ∂ℓ/∂z`` the gradient at its output, summed
-over the positions (sequence, extra dimensions, repeated calls) the layer sees for one
-sample. Both come out of ONE batched forward/backward of the model, far cheaper than
-``vmap(grad)``, and the product of test factors with training gradients needs only them:
+Routes, per parameter, fastest first:
 
-    factor · ∇_W ℓᵢ  =  Σ_t δᵢₜᵀ F aᵢₜ
+1. **batched** (``infscale.torch.batched``, kinds in ``infscale.torch.layer_kinds``): one batched
+   forward with hooks on the covered modules (``nn.Linear`` at any number of positions, HuggingFace
+   ``Conv1D``, ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding``, ``LayerNorm``/``RMSNorm``/``GroupNorm``,
+   eval-mode ``BatchNorm``) and one backward; a transformer built from these needs no vmap, and
+   data-dependent control flow in its forward (attention masks, HuggingFace's checks) is fine.
+   Linear-like weights stay factored (``FactoredGradients``): the product of test factors with
+   training gradients is ``Σ_t δᵢₜᵀ F aᵢₜ`` and the (n, p) matrix of training gradients is never formed.
+2. **vmap**: ``vmap(grad)`` for the parameters of modules of other kinds (only those parameters vary).
+3. **loop**: plain autograd on one sample at a time, for models vmap cannot trace (RNNs with default
+   initial states, HuggingFace models); slow, announced once by a warning naming the modules.
 
-so the (n, p) matrix of training gradients is never formed (``infscale.torch.factored``).
-Trainable parameters outside ``nn.Linear`` layers (convolutions, norms, embeddings, …) go
-through ``vmap(grad)``. Both ways of differentiating come from ``infscale.torch.capture``.
-
-Correctness guard: the batched pass equals the per-sample one only if samples don't
-interact inside the model and no Linear parameter is used outside its module. Every call
-checks one sample against ``vmap(grad)``; on a mismatch (or with a batch-norm or dropout
-module in training mode) the model permanently uses ``vmap(grad)`` for everything.
+Correctness check, once per input signature (feature shapes, dtypes, device): for every batched
+parameter, sample 0's gradient must equal the plain autograd gradient of the batch of one (catches
+samples that interact), and the sum over the batch must equal the plain gradient of the summed loss
+(catches a parameter also used outside its modules). A parameter failing either takes the vmap
+route; a vmap result failing the sample-0 comparison, or vmap raising, the loop. A parameter held by
+several covered modules (tied weights: GPT-2's ``lm_head`` and ``wte``) gets the sum of their parts.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import vmap
 
-from .capture import capture_layer_calls, live_state, loop_gradients, vmap_gradients
+from .batched import Captured, Coverage, _LinearLayer, capture, plain_batch_gradient
+from .capture import loop_gradients, vmap_gradients
 from .data import batch_size_of, feature_layout, take_rows
 from .factored import (
     FactoredGradients,
     _form_weight_gradients,  # noqa: F401  (importable from here, as before)
+    weight_gradients,
     weight_gradients_into,
-    weight_gram_into,
-    weight_products_into,
     weight_squared_norms,
-    weight_sums_into,
 )
+from .factored_ops import FactoredProducts
+from .kernels import derivative_kernels, needs_kernel_switch, vmap_kernels
 from .layout import LossFunction, ParameterLayout, _Block
 from .memory import default_chunk_size, pass_rows
 
 __all__ = ["GradientEngine", "FactoredGradients", "gradient_engine", "per_sample_gradients"]
-
-
-@dataclass(frozen=True)
-class _LinearLayer:
-    module: nn.Module
-    weight: str | None  # the weight's name in the model, if trainable and in the parameter set
-    bias: str | None
-    weight_index: slice | None  # positions of the weight in the flat vector (row-major (out, in))
-    bias_index: slice | None
-    in_features: int
-    out_features: int
 
 
 def _slice_or_index(positions: list[int]) -> slice | Tensor:
@@ -63,11 +59,30 @@ def _slice_or_index(positions: list[int]) -> slice | Tensor:
 _TRAINING_SENSITIVE = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
 
 
-class GradientEngine:
+@dataclass(frozen=True)
+class _Verdict:
+    """The check's outcome for one input signature."""
+
+    failed: frozenset[str] = frozenset()  # batched parameters whose gradients differed: vmap (or loop)
+    loop: frozenset[str] = frozenset()  # vmap parameters whose gradients differed: the loop
+    rows: int = 0  # samples in the checked batch (one sample cannot show samples that interact)
+    expanded: bool = False  # whether the checked pass expanded a broadcast output
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return {torch.float64: 1e-10, torch.float32: 1e-3}.get(dtype, 2e-2)
+
+
+def _differ(got: Tensor, expected: Tensor, scale: Tensor | float, tol: float) -> bool:
+    return bool((got - expected).norm() > tol * (scale + expected.norm()) + torch.finfo(got.dtype).tiny)
+
+
+class GradientEngine(FactoredProducts):
     """Per-sample gradients and factor products for the parameters of a layout (or of one block).
 
     Positions in the flat vector are the layout's (``ParameterLayout.offsets``). Parameter values
     are read from the layout at every call, so the engine always sees the model's current values.
+    Inputs x are a tensor (``model(x)``) or a mapping of tensors (``model(**x)``).
 
     Args:
         layout: the parameter layout.
@@ -82,17 +97,26 @@ class GradientEngine:
         self.model = layout.model
         self.loss = loss
         self.names = layout.names(block)
-        offsets = layout.offsets(block)
+        self.offsets = layout.offsets(block)
         self.size = block.size if block else layout.n_parameters
-        self.layers = self._linear_layers(offsets)
-        covered = {name for layer in self.layers for name in (layer.weight, layer.bias) if name}
-        self.rest = [n for n in self.names if n not in covered]
-        positions = [i for n in self.rest for i in range(offsets[n].start, offsets[n].stop)]
+        self.coverage = Coverage.of(self.model, self.names, self.offsets)
+        self.layers: list[_LinearLayer] = self.coverage.layers
+        factored = set(self.coverage.factored_names)
+        self.rest = [n for n in self.names if n not in factored]
+        positions = [i for n in self.rest for i in range(self.offsets[n].start, self.offsets[n].stop)]
         self.rest_index = _slice_or_index(positions)
         self.rest_index_list = positions
-        self.batched_ok = bool(self.layers)
-        self._verified: set[tuple] = set()  # input signatures whose batched gradients matched vmap
-        self._vmap_ok = True  # False once vmap failed on the model (then: one sample at a time)
+        self.rest_columns: dict[str, slice] = {}
+        start = 0
+        for n in self.rest:
+            width = self.offsets[n].stop - self.offsets[n].start
+            self.rest_columns[n] = slice(start, start + width)
+            start += width
+        self._verdicts: dict[tuple, _Verdict] = {}  # input signature → the check's outcome
+        self._vmap_error: str | None = None  # why vmap could not trace the model, once it failed
+        self._loss_vmap = True  # whether vmap can take the loss of one sample
+        self._warned: set[str] = set()
+        self._switch_kernels = needs_kernel_switch(self.model, 1)  # (RNNs on CUDA)
 
     @property
     def parameters(self) -> dict[str, Tensor]:
@@ -108,376 +132,273 @@ class GradientEngine:
     def _dtype(self) -> torch.dtype:
         return self.layout.dtype
 
-    # ---------------------------------------------------------------- structure
-    def _linear_layers(self, offsets: dict[str, slice]) -> list[_LinearLayer]:
-        by_id = {id(p): n for n, p in self.model.named_parameters()}
-        params = dict(self.model.named_parameters())
-        wanted = {id(params[n]) for n in self.names}
-        counts: dict[int, int] = {}
-        for m in self.model.modules():
-            for p in m._parameters.values():
-                if p is not None:
-                    counts[id(p)] = counts.get(id(p), 0) + 1
-        layers = []
-        for m in self.model.modules():
-            if type(m) is not nn.Linear:
-                continue
-            w = by_id.get(id(m.weight)) if id(m.weight) in wanted else None
-            b = by_id.get(id(m.bias)) if m.bias is not None and id(m.bias) in wanted else None
-            shared = any(counts.get(id(p), 0) > 1 for p in (m.weight, m.bias) if p is not None)
-            if shared or (w is None and b is None):
-                continue
-            if m.weight.ndim != 2:  # F.linear also takes a 1-d weight: left to vmap
-                continue
-            index = {n: offsets[n] for n in (w, b) if n is not None}
-            # the shapes F.linear runs with are the weight's (out, in); in_features/out_features
-            # are only what the module was built with (a replaced weight may disagree)
-            out_features, in_features = m.weight.shape
-            layers.append(_LinearLayer(m, w, b, index.get(w), index.get(b), in_features, out_features))
-        return layers
+    @property
+    def batched_ok(self) -> bool:
+        """Whether the batched pass covers some parameter of this model in its current mode."""
+        return bool(self.coverage.modules) and self._batched_allowed()
+
+    def _kernels(self):
+        """The kernel context of first-order derivatives (``kernels.derivative_kernels``)."""
+        return derivative_kernels(self.model, 1) if self._switch_kernels else nullcontext()
 
     def _batched_allowed(self) -> bool:
-        if not self.batched_ok:
+        if not self.coverage.modules:
             return False
-        return not any(m.training for m in self.model.modules() if isinstance(m, _TRAINING_SENSITIVE))
+        # batch norm in training mode mixes samples, dropout draws masks: not a per-sample function
+        # (dropout with p = 0, as in HuggingFace configs fine-tuned without it, changes nothing)
+        return not any(
+            m.training and not (isinstance(m, nn.modules.dropout._DropoutNd) and m.p == 0)
+            for m in self.model.modules()
+            if isinstance(m, _TRAINING_SENSITIVE)
+        )
 
-    # ---------------------------------------------------------------- vmap path
-    def _vmap_gradients(self, names: list[str], x: Tensor, y: Tensor) -> Tensor:
-        """(n, Σ numel) per-sample gradients of ``names`` by vmap(grad)."""
-        params = self.parameters
-        varying = {n: params[n] for n in names}
-        fixed = {**self.fixed, **{n: p for n, p in params.items() if n not in varying}}
-        g = None
-        if self._vmap_ok:
-            try:
-                g = vmap_gradients(self.model, self.loss, varying, fixed, x, y)
-            except RuntimeError:  # e.g. data-dependent control flow: the loop raises real errors
-                self._vmap_ok = False
-        if g is None:
-            g = loop_gradients(self.model, self.loss, varying, fixed, x, y)
-        return torch.cat([g[n].reshape(batch_size_of(x), -1) for n in names], dim=1)
-
-    def _vmap_into(
-        self, out: Tensor, names: list[str], columns, x: Tensor, y: Tensor, chunk_size: int
-    ) -> None:
-        """Writes vmap(grad) gradients of ``names`` into ``out[:, columns]``, chunk by chunk."""
-        for s in range(0, batch_size_of(x), chunk_size):
-            out[s : s + chunk_size, columns] = self._vmap_gradients(
-                names, take_rows(x, slice(s, s + chunk_size)), y[s : s + chunk_size]
+    # ---------------------------------------------------------------- fallbacks
+    def _warn_loop(self, names: list[str], reason: str) -> None:
+        modules = sorted({n.rsplit(".", 1)[0] if "." in n else n for n in names} - self._warned)
+        if modules:
+            self._warned.update(modules)
+            warnings.warn(
+                f"infscale: per-sample gradients of the parameters of {modules} are computed one sample "
+                f"at a time (slow): {reason}",
+                stacklevel=4,
             )
 
-    # ---------------------------------------------------------------- batched path
-    def _capture(self, x: Tensor, y: Tensor) -> list[tuple[Tensor, Tensor]] | None:
-        """(a, δ) per covered layer, shapes (n, T, in) and (n, T, out); None if not possible."""
+    def _vmap(self, names: list[str], x: Any, y: Tensor) -> dict[str, Tensor]:
+        """Per-sample gradients of ``names`` by vmap(grad), the other parameters held fixed."""
+        params = self.parameters
+        varying = {k: params[k] for k in names}
+        fixed = {**self.fixed, **{k: p for k, p in params.items() if k not in varying}}
+        with vmap_kernels(), warnings.catch_warnings():
+            # an operation without a batching rule (nn.EmbeddingBag's) is looped over inside vmap:
+            # slower, the same values, nothing the user can change
+            warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)
+            return vmap_gradients(self.model, self.loss, varying, fixed, x, y)
+
+    def _vmap_failed(self, error: Exception) -> None:
+        self._vmap_error = f"vmap(grad) cannot trace the model ({str(error).splitlines()[0][:200]})"
+
+    def _fallback_into(
+        self,
+        out: Tensor,
+        columns: Mapping[str, slice],
+        names: list[str],
+        x: Any,
+        y: Tensor,
+        chunk: int,
+        verdict: _Verdict,
+    ) -> None:
+        """Writes the per-sample gradients of ``names`` into ``out[:, columns[name]]``: by vmap(grad),
+        or by the per-sample loop where vmap fails or the check found it wrong."""
+        if not names:
+            return
         n = batch_size_of(x)
-        state = live_state(self.parameters, self.fixed)
-        outputs, records = capture_layer_calls(self.model, [layer.module for layer in self.layers], state, x)
-        if not isinstance(outputs, Tensor):  # a tuple or ModelOutput: vmap(grad) handles it
-            return None
-        layer_outputs = [o for calls in records for (_, o) in calls]
-        if not layer_outputs or any(o.shape[0] != n or not o.requires_grad for o in layer_outputs):
-            return None
-        loss = self.loss
+        params = self.parameters
+        loop = [k for k in names if k in verdict.loop or self._vmap_error is not None]
+        traced = [k for k in names if k not in loop]
+        if traced:
+            try:
+                for s in range(0, n, chunk):
+                    g = self._vmap(traced, take_rows(x, slice(s, s + chunk)), y[s : s + chunk])
+                    for k in traced:
+                        out[s : s + chunk, columns[k]] = g[k].reshape(g[k].shape[0], -1)
+            except Exception as error:  # noqa: BLE001 - vmap cannot trace this model: the loop can
+                self._vmap_failed(error)
+                loop += traced
+        if loop:
+            reason = self._vmap_error or "vmap(grad) gives other values than autograd for them"
+            self._warn_loop(loop, reason)
+            varying = {k: params[k] for k in loop}
+            fixed = {**self.fixed, **{k: p for k, p in params.items() if k not in varying}}
+            g = loop_gradients(self.model, self.loss, varying, fixed, x, y)
+            for k in loop:
+                out[:, columns[k]] = g[k].reshape(n, -1)
 
-        def one(o, t):
-            return loss(o.unsqueeze(0), t.unsqueeze(0))
+    # ---------------------------------------------------------------- batched path
+    def _signature(self, x: Any, y: Tensor) -> tuple:
+        return (feature_layout(x), tuple(y.shape[1:]), y.dtype)
 
-        with torch.enable_grad():
-            total = vmap(one)(outputs, y).sum()
-            deltas = torch.autograd.grad(total, layer_outputs, allow_unused=True)
-        result, k = [], 0
-        for layer, calls in zip(self.layers, records):
-            a_parts, d_parts = [], []
-            for a, _ in calls:
-                d = deltas[k]
-                k += 1
-                if d is None:
-                    d = torch.zeros(*a.shape[:-1], layer.out_features, dtype=a.dtype, device=a.device)
-                a_parts.append(a.detach().reshape(n, -1, layer.in_features))
-                d_parts.append(d.detach().reshape(n, -1, layer.out_features))
-            if not a_parts:  # the layer was not called: its gradient is zero
-                a_parts = [torch.zeros(n, 0, layer.in_features, dtype=self._dtype, device=y.device)]
-                d_parts = [torch.zeros(n, 0, layer.out_features, dtype=self._dtype, device=y.device)]
-            result.append((torch.cat(a_parts, dim=1), torch.cat(d_parts, dim=1)))
-        return result
+    def _capture(self, x: Any, y: Tensor, with_total: bool) -> Captured:
+        cap = capture(
+            self.model,
+            self.loss,
+            self.coverage,
+            self.parameters,
+            self.fixed,
+            x,
+            y,
+            with_total,
+            self._loss_vmap,
+        )
+        self._loss_vmap = cap.loss_vmap
+        return cap
+
+    def _fill_dense(self, cap: Captured, out: Tensor, columns: Mapping[str, slice]) -> None:
+        """Writes the batched dense parameters' gradients into ``out[:, columns[name]]``."""
+        for name in self.coverage.dense_names:
+            out[:, columns[name]] = 0
+        for use in self.coverage.dense:
+            if id(use.module) not in cap.bad:
+                cap.add_dense(use, {k: out[:, columns[n]] for k, n in use.names.items()})
 
     def _layer_gradient_into(self, out: Tensor, layer: _LinearLayer, a: Tensor, d: Tensor) -> None:
         n = a.shape[0]
         if layer.weight_index is not None:
-            weight_gradients_into(
-                out[:, layer.weight_index].view(n, layer.out_features, layer.in_features), a, d
-            )
+            weight_gradients_into(out[:, layer.weight_index].view(n, layer.rows, layer.cols), a, d)
         if layer.bias_index is not None:
-            torch.sum(d, dim=1, out=out[:, layer.bias_index])
+            torch.sum(layer.bias_factor(a, d), dim=1, out=out[:, layer.bias_index])
 
-    def _matches_vmap(self, dense_first: Tensor, x: Tensor, y: Tensor) -> bool:
-        reference = self._vmap_gradients(self.names, take_rows(x, slice(0, 1)), y[:1])[0]
-        tol = 1e-10 if reference.dtype == torch.float64 else 1e-4
-        scale = reference.norm() + dense_first.norm()
-        return bool((dense_first - reference).norm() <= tol * scale + 1e-30)
+    def _verify(
+        self, x: Any, y: Tensor, cap: Captured, dense: Tensor, columns: Mapping[str, slice], bad: set[str]
+    ) -> _Verdict:
+        """The check (module docstring) for the batch x, whose dense batched gradients are in
+        ``dense[:, columns[name]]``."""
+        params, fixed, tol = self.parameters, self.fixed, _tolerance(self._dtype)
+        reference = loop_gradients(self.model, self.loss, params, fixed, take_rows(x, slice(0, 1)), y[:1])
+        reference = {k: v[0].reshape(-1) for k, v in reference.items()}
+        total = cap.total
+        if total is None:
+            total = plain_batch_gradient(self.model, self.loss, params, fixed, x, y)
+        total = {k: v.reshape(-1) for k, v in total.items()}
+        failed = set(bad)
+        checks: list[tuple[str, Tensor, Tensor, Tensor]] = []  # (name, sample 0, batch sum, Σᵢ‖gᵢ‖)
+        for layer in self.layers:
+            if id(layer.module) in cap.bad:
+                continue
+            a, d = cap.factors(layer, self._dtype)
+            if layer.weight is not None:
+                first = weight_gradients(a[:1], d[:1]).reshape(-1)
+                summed = (d.reshape(-1, layer.rows).T @ a.reshape(-1, layer.cols)).reshape(-1)
+                checks.append((layer.weight, first, summed, weight_squared_norms(a, d).sqrt().sum()))
+            if layer.bias is not None:
+                b = layer.bias_factor(a, d).sum(dim=1)
+                checks.append((layer.bias, b[0], b.sum(dim=0), b.norm(dim=1).sum()))
+        for name in self.coverage.dense_names:
+            if name not in bad:
+                g = dense[:, columns[name]]
+                checks.append((name, g[0], g.sum(dim=0), g.norm(dim=1).sum()))
+        # rounding relative to the whole gradient, for parameters whose gradient is zero in exact
+        # arithmetic (an attention key's bias: softmax ignores a constant shift)
+        floor_first = tol * 1e-2 * torch.cat(list(reference.values())).norm()
+        floor_sum = tol * 1e-2 * sum(float(c[3]) for c in checks)
+        for name, first, summed, scale in checks:
+            if _differ(first, reference[name], first.norm() + floor_first / tol, tol) or _differ(
+                summed, total[name], scale + floor_sum / tol, tol
+            ):
+                failed.add(name)
+        loop: set[str] = set()
+        traced = [k for k in self.names if k in failed or k in self.coverage.uncovered]
+        if traced and self._vmap_error is None:
+            try:
+                g = self._vmap(traced, take_rows(x, slice(0, 2)), y[:2])
+            except Exception as error:  # noqa: BLE001 - vmap cannot trace this model: the loop can
+                self._vmap_failed(error)
+            else:
+                loop = {
+                    k for k in traced if _differ(g[k][0].reshape(-1), reference[k], reference[k].norm(), tol)
+                }
+        return _Verdict(frozenset(failed), frozenset(loop), cap.n, cap.expanded)
 
-    def _batched(self, x: Tensor, y: Tensor):
-        """Captured (a, δ) of x, checked on its first sample against vmap(grad) the first time
-        inputs of this feature shape, dtype and device come (the failure modes — samples that
-        interact, a weight used outside its module — belong to the model, not to the values);
-        None when the batched path doesn't apply to this model (then it never will)."""
+    def _unchecked(self, signature: tuple, x: Any, expanded: bool) -> bool:
+        """Whether a batch like x needs the check: its signature was never checked, or only on one
+        sample (which cannot show samples that interact), or without the broadcast outputs this pass
+        expanded (the expansion itself must be shown harmless)."""
+        verdict = self._verdicts.get(signature)
+        return (
+            verdict is None
+            or (verdict.rows < 2 and batch_size_of(x) >= 2)
+            or (expanded and not verdict.expanded)
+        )
+
+    def _verdict(
+        self, signature: tuple, x: Any, y: Tensor, cap: Captured, dense: Tensor, columns, bad: set[str]
+    ) -> _Verdict:
+        """The check's outcome for this batch: remembered for its signature, or found now."""
+        if self._unchecked(signature, x, cap.expanded):
+            self._verdicts[signature] = self._verify(x, y, cap, dense, columns, bad)
+        return self._verdicts[signature]
+
+    def _batched_into(self, out: Tensor, x: Any, y: Tensor, chunk: int) -> None:
+        """All per-sample gradients of x into ``out`` (n, size): batched where the check allows."""
         if not self._batched_allowed():
-            return None
-        captured = self._capture(x, y)
-        if captured is None:
-            self.batched_ok = False
-            return None
-        signature = (feature_layout(x), tuple(y.shape[1:]), y.dtype)
-        if signature in self._verified:
-            return captured
-        first = torch.zeros(1, self.size, dtype=self._dtype, device=y.device)
-        for layer, (a, d) in zip(self.layers, captured):
-            self._layer_gradient_into(first, layer, a[:1], d[:1])
-        if self.rest:
-            first[:, self.rest_index] = self._vmap_gradients(self.rest, take_rows(x, slice(0, 1)), y[:1])
-        if not self._matches_vmap(first[0], x, y):
-            self.batched_ok = False
-            return None
-        self._verified.add(signature)
-        return captured
+            self._fallback_into(out, self.offsets, self.names, x, y, chunk, _Verdict())
+            return
+        signature = self._signature(x, y)
+        cap = self._capture(x, y, with_total=self._unchecked(signature, x, False))
+        bad = self.coverage.bad_names(cap)
+        for layer in self.layers:
+            if id(layer.module) not in cap.bad:
+                self._layer_gradient_into(out, layer, *cap.factors(layer, self._dtype))
+        self._fill_dense(cap, out, self.offsets)
+        verdict = self._verdict(signature, x, y, cap, out, self.offsets, bad)
+        uncovered = set(self.coverage.uncovered)
+        fallback = [k for k in self.names if k in uncovered or k in verdict.failed or k in bad]
+        self._fallback_into(out, self.offsets, fallback, x, y, chunk, verdict)
 
     # ---------------------------------------------------------------- public
-    def gradients(self, x: Tensor, y: Tensor, chunk_size: int) -> Tensor:
-        """Per-sample gradients, (n, size)."""
+    def gradients(self, x: Any, y: Tensor, chunk_size: int) -> Tensor:
+        """Per-sample gradients, (n, size). ``chunk_size``: samples per vmap call of the fallback."""
         n, rows_per_pass = batch_size_of(x), pass_rows()
-        out = torch.empty(n, self.size, dtype=self._dtype, device=y.device)
-        captured = self._batched(take_rows(x, slice(0, rows_per_pass)), y[:rows_per_pass]) if n else None
-        if captured is None:
-            self._vmap_into(out, self.names, slice(None), x, y, chunk_size)
-            return out
-        for s in range(0, n, rows_per_pass):
-            rows = slice(s, s + rows_per_pass)
-            cap = captured if s == 0 else self._capture(take_rows(x, rows), y[rows])
-            if cap is None:  # this chunk can't take the batched path: vmap gives the same values
-                self._vmap_into(out[rows], self.names, slice(None), take_rows(x, rows), y[rows], chunk_size)
-                continue
-            for layer, (a, d) in zip(self.layers, cap):
-                self._layer_gradient_into(out[rows], layer, a, d)
-            if self.rest:
-                xs = take_rows(x, rows)
-                self._vmap_into(out[rows], self.rest, self.rest_index, xs, y[rows], chunk_size)
+        out = torch.empty(n, self.size, dtype=self._dtype, device=self.layout.device)
+        with self._kernels():
+            if 0 < n <= rows_per_pass:  # one pass (the common case): no slicing
+                self._batched_into(out, x, y, chunk_size)
+                return out
+            for s in range(0, n, rows_per_pass):
+                rows = slice(s, s + rows_per_pass)
+                self._batched_into(out[rows], take_rows(x, rows), y[rows], chunk_size)
         return out
 
-    def factored(self, x: Tensor, y: Tensor, chunk_size: int) -> FactoredGradients | Tensor:
-        """Per-sample gradients in factored form, or dense (n, size) if the batched path
-        doesn't apply (then the caller gets the same values, slower)."""
-        n, rows_per_pass = batch_size_of(x), pass_rows()
-        captured = self._batched(take_rows(x, slice(0, rows_per_pass)), y[:rows_per_pass]) if n else None
-        if captured is None:
-            return self.gradients(x, y, chunk_size)
-        parts = [captured] + [
-            self._capture(take_rows(x, slice(s, s + rows_per_pass)), y[s : s + rows_per_pass])
-            for s in range(rows_per_pass, n, rows_per_pass)
-        ]
-        if any(p is None for p in parts):
-            return self.gradients(x, y, chunk_size)
-        factored_floats = len(self.rest_index_list) + sum(
-            a.shape[1] * (a.shape[2] + d.shape[2]) for a, d in captured
+    def routes(self, x: Any, y: Tensor) -> dict[str, str]:
+        """name → how its per-sample gradients come for inputs like x: "batched", "vmap" or "loop"
+        (runs the check on the first two samples if inputs like x have not been seen)."""
+        if self._batched_allowed() and self._unchecked(self._signature(x, y), x, False):
+            self.gradients(take_rows(x, slice(0, 2)), y[:2], 2)
+        verdict = self._verdicts.get(self._signature(x, y), _Verdict())
+        fallback = (
+            set(self.coverage.uncovered) | verdict.failed if self._batched_allowed() else set(self.names)
         )
-        if factored_floats >= self.size:  # many positions per sample: the dense form is smaller
+        loop = verdict.loop if self._vmap_error is None else set(self.names)
+        return {k: "batched" if k not in fallback else "loop" if k in loop else "vmap" for k in self.names}
+
+    def factored(self, x: Any, y: Tensor, chunk_size: int) -> FactoredGradients | Tensor:
+        """Per-sample gradients in factored form, or dense (n, size) where the factored form doesn't
+        apply or isn't smaller (then the caller gets the same values)."""
+        n, rows_per_pass = batch_size_of(x), pass_rows()
+        if not n or not self.layers or not self._batched_allowed():
             return self.gradients(x, y, chunk_size)
-        if self.rest:
-            rest = torch.cat(
-                [
-                    self._vmap_gradients(
-                        self.rest, take_rows(x, slice(s, s + chunk_size)), y[s : s + chunk_size]
-                    )
-                    for s in range(0, n, chunk_size)
-                ]
-            )
-        else:
-            rest = torch.zeros(n, 0, dtype=self._dtype, device=y.device)
+        rest = torch.zeros(n, len(self.rest_index_list), dtype=self._dtype, device=self.layout.device)
+        parts: list[list[tuple[Tensor, Tensor]]] = []
+        factored_names = self.coverage.factored_names
+        uncovered = set(self.coverage.uncovered)
+        with self._kernels():
+            for s in range(0, n, rows_per_pass):
+                rows = slice(s, s + rows_per_pass)
+                xs, ys = (x, y) if n <= rows_per_pass else (take_rows(x, rows), y[rows])
+                signature = self._signature(xs, ys)
+                cap = self._capture(xs, ys, with_total=self._unchecked(signature, xs, False))
+                bad = self.coverage.bad_names(cap)
+                self._fill_dense(cap, rest[rows], self.rest_columns)
+                verdict = self._verdict(signature, xs, ys, cap, rest[rows], self.rest_columns, bad)
+                if any(k in verdict.failed or k in bad for k in factored_names):
+                    return self.gradients(x, y, chunk_size)
+                parts.append([cap.factors(layer, self._dtype) for layer in self.layers])
+                positions = [a.shape[1] for a, _ in parts[-1]]
+                if positions != [a.shape[1] for a, _ in parts[0]]:
+                    return self.gradients(x, y, chunk_size)
+                if (
+                    s == 0
+                    and len(self.rest_index_list)
+                    + sum(a.shape[1] * (a.shape[2] + d.shape[2]) for a, d in parts[0])
+                    >= self.size
+                ):  # many positions per sample: the dense form is smaller
+                    return self.gradients(x, y, chunk_size)
+                fallback = [k for k in self.rest if k in uncovered or k in verdict.failed or k in bad]
+                self._fallback_into(rest[rows], self.rest_columns, fallback, xs, ys, chunk_size, verdict)
         items: list[Tensor] = [rest]
         for k in range(len(self.layers)):
-            items.append(torch.cat([p[k][0] for p in parts]))
-            items.append(torch.cat([p[k][1] for p in parts]))
+            items.append(torch.cat([p[k][0] for p in parts]) if len(parts) > 1 else parts[0][k][0])
+            items.append(torch.cat([p[k][1] for p in parts]) if len(parts) > 1 else parts[0][k][1])
         return FactoredGradients(items)
-
-    def products(
-        self, factors: Tensor, gradients: FactoredGradients | Tensor, columns: slice | None = None
-    ) -> Tensor:
-        """``factors @ gradientsᵀ``: (k, size) with n per-sample gradients → (k, n).
-
-        With ``columns`` (a slice of the flat vector) only those columns take part.
-        """
-        if isinstance(gradients, Tensor):
-            if columns is not None:
-                return factors[:, columns] @ gradients[:, columns].T
-            return factors @ gradients.T
-        rest = gradients[0]
-        k = factors.shape[0]
-        n = gradients.n_samples
-        result = torch.zeros(k, n, dtype=factors.dtype, device=factors.device)
-        if k == 0 or n == 0:
-            return result
-        if self.rest:
-            keep = self._rest_within(columns)
-            if keep is None:
-                result += factors[:, self.rest_index] @ rest.T
-            elif keep.numel():
-                positions = torch.tensor(self.rest_index_list, dtype=torch.long)[keep]
-                result += factors[:, positions] @ rest[:, keep].T
-        for i, layer, use_w, use_b in self._layers_within(columns):
-            a, d = gradients[1 + 2 * i], gradients[2 + 2 * i]
-            if a.shape[1] == 0:
-                continue
-            if use_b:  # Σ_t δ_t · f_b
-                result += factors[:, layer.bias_index] @ d.sum(dim=1).T
-            if use_w:
-                F = factors[:, layer.weight_index].reshape(k, layer.out_features, layer.in_features)
-                weight_products_into(result, F, a, d)
-        return result
-
-    def gram_width(self, gradients: FactoredGradients | Tensor, columns: slice | None = None) -> int:
-        """Numbers multiplied per pair of samples by ``gram`` on this form: the parameter count for
-        dense gradients; for factored ones, T²·(in + out) per covered weight (the inner product of two
-        rank-T gradients), or in·out where forming them is cheaper."""
-        if isinstance(gradients, Tensor):
-            return self.size if columns is None else columns.stop - columns.start
-        keep = self._rest_within(columns)
-        width = len(self.rest_index_list) if keep is None else int(keep.numel())
-        for i, layer, use_w, use_b in self._layers_within(columns):
-            positions = gradients[1 + 2 * i].shape[1]
-            if use_b:
-                width += layer.out_features
-            if use_w:
-                ghost = positions * positions * (layer.in_features + layer.out_features)
-                width += min(ghost, layer.in_features * layer.out_features)
-        return width
-
-    def inner_products_pay(self, *gradients: FactoredGradients | Tensor) -> bool:
-        """Whether ``gram`` on these forms multiplies at most half the numbers per pair that
-        dense gradients would (the parameter count)."""
-        return 2 * max(self.gram_width(g) for g in gradients) <= self.size
-
-    def gram(
-        self,
-        left: FactoredGradients | Tensor,
-        right: FactoredGradients | Tensor,
-        columns: slice | None = None,
-    ) -> Tensor:
-        """Inner products of two sets of per-sample gradients, ``G_left G_rightᵀ``: (n_left, n_right).
-
-        With both in factored form, a covered layer's part needs no (n, in·out) gradients:
-        ⟨Σ_t δ_t a_tᵀ, Σ_s δ'_s a'_sᵀ⟩ = Σ_{t,s} (δ_t·δ'_s)(a_t·a'_s), T²·(in + out) numbers per pair
-        instead of in·out (the weight gradients are formed only where that is cheaper). With
-        ``columns`` (a slice of the flat vector) only those parameters take part.
-        """
-        if isinstance(left, Tensor) and isinstance(right, Tensor):
-            cols = columns or slice(0, self.size)
-            return left[:, cols] @ right[:, cols].T
-        if isinstance(left, Tensor):
-            return self.products(left, right, columns)
-        if isinstance(right, Tensor):
-            return self.products(right, left, columns).T
-        rest_l, rest_r = left[0], right[0]
-        result = torch.zeros(rest_l.shape[0], rest_r.shape[0], dtype=rest_l.dtype, device=rest_l.device)
-        if self.rest:
-            keep = self._rest_within(columns)
-            if keep is None:
-                result += rest_l @ rest_r.T
-            elif keep.numel():
-                result += rest_l[:, keep] @ rest_r[:, keep].T
-        for i, _, use_w, use_b in self._layers_within(columns):
-            a_l, d_l, a_r, d_r = left[1 + 2 * i], left[2 + 2 * i], right[1 + 2 * i], right[2 + 2 * i]
-            if a_l.shape[1] == 0 or a_r.shape[1] == 0:
-                continue
-            if use_b:
-                result += d_l.sum(dim=1) @ d_r.sum(dim=1).T
-            if use_w:
-                weight_gram_into(result, a_l, d_l, a_r, d_r)
-        return result
-
-    def to_dense(self, gradients: FactoredGradients | Tensor) -> Tensor:
-        """The (n, size) per-sample gradients of a factored form (a dense one as it is)."""
-        if isinstance(gradients, Tensor):
-            return gradients
-        rest = gradients[0]
-        out = torch.empty(rest.shape[0], self.size, dtype=rest.dtype, device=rest.device)
-        for i, layer in enumerate(self.layers):
-            self._layer_gradient_into(out, layer, gradients[1 + 2 * i], gradients[2 + 2 * i])
-        if self.rest:
-            out[:, self.rest_index] = rest
-        return out
-
-    # ---------------------------------------------------------------- sums and norms
-    def _layers_within(self, columns: slice | None):
-        """(index, layer, weight?, bias?) of the covered layers whose parameters lie in ``columns``."""
-        for i, layer in enumerate(self.layers):
-            use_w = layer.weight_index is not None and _inside(layer.weight_index, columns)
-            use_b = layer.bias_index is not None and _inside(layer.bias_index, columns)
-            if use_w or use_b:
-                yield i, layer, use_w, use_b
-
-    def _rest_within(self, columns: slice | None) -> Tensor | None:
-        """Columns of the ``rest`` tensor whose flat positions lie in ``columns`` (None: all)."""
-        if columns is None:
-            return None
-        start, stop = columns.start, columns.stop
-        return torch.tensor(
-            [j for j, p in enumerate(self.rest_index_list) if start <= p < stop], dtype=torch.long
-        )
-
-    def weighted_sums(
-        self, weights: Tensor, gradients: FactoredGradients | Tensor, columns: slice | None = None
-    ) -> Tensor:
-        """``weights @ gradients``: (k, n) weights of n per-sample gradients → (k, size).
-
-        With ``columns`` (a slice of the flat vector) only those columns are filled; the
-        others are zero.
-        """
-        if isinstance(gradients, Tensor):
-            out = torch.zeros(weights.shape[0], self.size, dtype=gradients.dtype, device=gradients.device)
-            cols = columns or slice(0, self.size)
-            out[:, cols] = weights @ gradients[:, cols]
-            return out
-        rest = gradients[0]
-        out = torch.zeros(weights.shape[0], self.size, dtype=rest.dtype, device=rest.device)
-        if self.rest:
-            keep = self._rest_within(columns)
-            if keep is None:
-                out[:, self.rest_index] = weights @ rest
-            elif keep.numel():
-                positions = torch.tensor(self.rest_index_list, dtype=torch.long)[keep]
-                out[:, positions] = weights @ rest[:, keep]
-        for i, layer, use_w, use_b in self._layers_within(columns):
-            a, d = gradients[1 + 2 * i], gradients[2 + 2 * i]
-            if use_b:
-                out[:, layer.bias_index] = weights @ d.sum(dim=1)
-            if use_w:
-                weight_sums_into(out[:, layer.weight_index], weights, a, d)
-        return out
-
-    def squared_norms(self, gradients: FactoredGradients | Tensor, columns: slice | None = None) -> Tensor:
-        """‖gᵢ‖² of each per-sample gradient (restricted to ``columns`` if given): (n,)."""
-        if isinstance(gradients, Tensor):
-            g = gradients if columns is None else gradients[:, columns]
-            return (g * g).sum(dim=1)
-        rest = gradients[0]
-        if self.rest:
-            keep = self._rest_within(columns)
-            part = rest if keep is None else rest[:, keep]
-            total = (part * part).sum(dim=1)
-        else:
-            total = rest.new_zeros(rest.shape[0])
-        for i, _, use_w, use_b in self._layers_within(columns):
-            a, d = gradients[1 + 2 * i], gradients[2 + 2 * i]
-            if use_b:
-                total += d.sum(dim=1).square().sum(dim=1)
-            if use_w:
-                total += weight_squared_norms(a, d)
-        return total
-
-
-def _inside(index: slice, columns: slice | None) -> bool:
-    if columns is None:
-        return True
-    return columns.start <= index.start and index.stop <= columns.stop
 
 
 def gradient_engine(
@@ -490,17 +411,18 @@ def gradient_engine(
 def per_sample_gradients(
     layout: ParameterLayout,
     loss: LossFunction,
-    x: Tensor,
+    x: Any,
     y: Tensor,
     chunk_size: int | None = None,
     block: _Block | None = None,
 ) -> Tensor:
     """Per-sample gradients ∇_θ ℓ(x_i, y_i), shape (n, p) (p of the block if given).
 
-    ``nn.Linear`` layers come from one batched forward/backward; other parameters from
-    ``vmap(grad)`` in chunks of ``chunk_size`` samples (default: ``memory.default_chunk_size``),
-    so memory stays bounded by chunk_size · (p + activations).
+    Covered layers come from one batched forward/backward; other parameters from ``vmap(grad)``
+    in chunks of ``chunk_size`` samples (default: ``memory.default_chunk_size``), so memory stays
+    bounded by chunk_size · (p + activations), or, where vmap cannot trace the model, from a loop.
     """
     engine = GradientEngine(layout, loss, block)
-    chunk = chunk_size or default_chunk_size(engine.size, layout.dtype.itemsize)
+    itemsize = layout.dtype.itemsize
+    chunk = chunk_size or default_chunk_size(engine.size, itemsize)
     return engine.gradients(x, y, chunk)

@@ -1,8 +1,8 @@
 """The per-sample gradient engine against a plain autograd loop, one sample at a time.
 
-The batched nn.Linear path must give exactly the per-sample gradients of a batch of one,
-and must step aside (falling back to vmap) whenever the batched pass would differ: a
-parameter used outside its module, samples that interact, training-mode batch norm.
+The batched path must give exactly the per-sample gradients of a batch of one, and must step
+aside (falling back to vmap for the parameters concerned) whenever the batched pass would differ:
+a parameter used outside its module, samples that interact, training-mode batch norm.
 """
 
 from __future__ import annotations
@@ -36,7 +36,10 @@ def reference_gradients(model, loss, x, y):
     return torch.stack(rows)
 
 
-def check(model, loss, x, y, expect_batched: bool):
+def check(model, loss, x, y, expect_factored: bool, routes: dict[str, str] | None = None):
+    """The engine's dense and factored gradients and every product against the autograd loop;
+    ``expect_factored``: whether ``factored`` keeps the factored form; ``routes``: the expected
+    route of some parameters (the others: "batched")."""
     engine = gradient_engine(ParameterLayout(model), loss)
     reference = reference_gradients(model, loss, x, y)
     dense = engine.gradients(x, y, chunk_size=3)
@@ -46,8 +49,9 @@ def check(model, loss, x, y, expect_batched: bool):
     torch.testing.assert_close(
         engine.products(factors, factored), factors @ reference.T, rtol=1e-10, atol=1e-12
     )
-    assert engine.batched_ok is expect_batched
-    assert isinstance(factored, FactoredGradients) is expect_batched
+    assert isinstance(factored, FactoredGradients) is expect_factored
+    expected_routes = {n: "batched" for n, p in model.named_parameters() if p.requires_grad}
+    assert engine.routes(x, y) == {**expected_routes, **(routes or {})}
     weights = torch.randn(3, x.shape[0])
     torch.testing.assert_close(engine.weighted_sums(weights, factored), weights @ reference)
     torch.testing.assert_close(engine.squared_norms(factored), (reference**2).sum(dim=1))
@@ -86,7 +90,7 @@ def test_mlp_with_and_without_bias():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6, bias=False), nn.Tanh(), nn.Linear(6, 3))
     x, y = data()
-    engine = check(model, nn.functional.cross_entropy, x, y, expect_batched=True)
+    engine = check(model, nn.functional.cross_entropy, x, y, expect_factored=True)
     assert engine.rest == []  # every parameter through the batched path
 
 
@@ -95,7 +99,7 @@ def test_regression_loss_with_float_targets():
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
     x, _ = data()
     y = torch.randn(x.shape[0], 2)
-    check(model, nn.functional.mse_loss, x, y, expect_batched=True)
+    check(model, nn.functional.mse_loss, x, y, expect_factored=True)
 
 
 class Sequence(nn.Module):
@@ -118,7 +122,7 @@ def test_positions_and_repeated_calls():
     torch.manual_seed(2)
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(9, 3, 5, generator=g), torch.randint(0, 3, (9,), generator=g)
-    check(Sequence(), nn.functional.cross_entropy, x, y, expect_batched=True)
+    check(Sequence(), nn.functional.cross_entropy, x, y, expect_factored=True)
 
 
 class Positions(nn.Module):
@@ -140,7 +144,7 @@ def test_positions_with_inner_products_of_factors():
     torch.manual_seed(2)
     g = torch.Generator().manual_seed(6)
     x, y = torch.randn(9, 3, 5, generator=g), torch.randint(0, 3, (9,), generator=g)
-    engine = check(Positions(), nn.functional.cross_entropy, x, y, expect_batched=True)
+    engine = check(Positions(), nn.functional.cross_entropy, x, y, expect_factored=True)
     factored = engine.factored(x, y, chunk_size=4)
     dense = reference_gradients(engine.model, engine.loss, x, y)
     assert engine.gram_width(factored) < engine.gram_width(dense) == engine.size
@@ -166,12 +170,14 @@ class ConvNet(nn.Module):
         return self.fc(torch.tanh(self.conv(x)).flatten(1))
 
 
-def test_convolution_goes_through_vmap_and_linear_through_the_batched_path():
+def test_convolution_is_batched_through_unfolded_patches():
+    """16 output positions: the factored form ((in + out)·T per sample) is larger than the dense
+    one, so ``factored`` gives the dense gradients; every parameter comes from the batched pass."""
     torch.manual_seed(3)
     g = torch.Generator().manual_seed(5)
     x, y = torch.randn(7, 1, 4, 4, generator=g), torch.randint(0, 3, (7,), generator=g)
-    engine = check(ConvNet(), nn.functional.cross_entropy, x, y, expect_batched=True)
-    assert engine.rest == ["conv.weight", "conv.bias"]
+    engine = check(ConvNet(), nn.functional.cross_entropy, x, y, expect_factored=False)
+    assert engine.coverage.uncovered == []
 
 
 def test_frozen_parameters():
@@ -180,7 +186,7 @@ def test_frozen_parameters():
     model[0].requires_grad_(False)  # a whole frozen layer
     model[2].weight.requires_grad_(False)  # a frozen weight with a trainable bias
     x, y = data()
-    check(model, nn.functional.cross_entropy, x, y, expect_batched=True)
+    check(model, nn.functional.cross_entropy, x, y, expect_factored=True)
 
 
 class OutsideUse(nn.Module):
@@ -198,28 +204,63 @@ class OutsideUse(nn.Module):
 
 
 def test_a_weight_used_outside_its_module_is_detected():
+    """Only fc.weight leaves the batched path (its batch sum misses the outside use)."""
     torch.manual_seed(5)
     x, y = data()
-    check(OutsideUse(), nn.functional.cross_entropy, x, y, expect_batched=False)
+    check(
+        OutsideUse(), nn.functional.cross_entropy, x, y, expect_factored=False, routes={"fc.weight": "vmap"}
+    )
+
+
+class OutsideUseLater(nn.Module):
+    """fc.weight is used outside fc only for samples whose first feature is positive (not sample 0):
+    the comparison of sample 0 cannot see it; the batch sum must."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        gate = (x[:, :1] > 0).to(x.dtype)
+        return self.head(h + gate * torch.tanh(nn.functional.linear(h, self.fc.weight)))
+
+
+def test_an_outside_use_that_sample_0_does_not_make_is_detected_by_the_batch_sum():
+    torch.manual_seed(5)
+    x, y = data()
+    x[0, 0] = -1.0
+    assert (x[1:, 0] > 0).any()
+    check(
+        OutsideUseLater(),
+        nn.functional.cross_entropy,
+        x,
+        y,
+        expect_factored=False,
+        routes={"fc.weight": "vmap"},
+    )
 
 
 class Tied(nn.Module):
     def __init__(self):
         super().__init__()
-        self.a = nn.Linear(5, 5)
-        self.b = nn.Linear(5, 5)
+        self.embed = nn.Linear(5, 16)
+        self.a = nn.Linear(16, 16)
+        self.b = nn.Linear(16, 16)
         self.b.weight = self.a.weight  # one parameter in two modules
-        self.head = nn.Linear(5, 3)
+        self.head = nn.Linear(16, 3)
 
     def forward(self, x):
-        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(torch.tanh(self.embed(x)))))))
 
 
-def test_tied_weights_go_through_vmap():
+def test_tied_weights_are_the_sum_of_their_modules_parts():
     torch.manual_seed(6)
     x, y = data()
-    engine = check(Tied(), nn.functional.cross_entropy, x, y, expect_batched=True)
-    assert "a.weight" in engine.rest  # the shared weight is not taken from one module
+    engine = check(Tied(), nn.functional.cross_entropy, x, y, expect_factored=True)
+    assert "a.weight" in engine.rest  # the shared weight is not factored: dense, from both modules
+    assert "a.weight" in engine.coverage.dense_names
 
 
 class BatchCentering(nn.Module):
@@ -236,17 +277,63 @@ class BatchCentering(nn.Module):
 def test_interacting_samples_are_detected():
     torch.manual_seed(7)
     x, y = data()
-    check(BatchCentering(), nn.functional.cross_entropy, x, y, expect_batched=False)
+    routes = {"fc.weight": "vmap", "fc.bias": "vmap"}
+    check(BatchCentering(), nn.functional.cross_entropy, x, y, expect_factored=False, routes=routes)
+
+
+def test_a_check_on_one_sample_is_repeated_on_a_batch():
+    """One sample cannot show samples that interact: a batch of the same signature is checked again."""
+    torch.manual_seed(7)
+    x, y = data()
+    model = BatchCentering()
+    engine = gradient_engine(ParameterLayout(model), nn.functional.cross_entropy)
+    engine.gradients(x[:1], y[:1], 4)
+    torch.testing.assert_close(engine.gradients(x, y, 4), reference_gradients(model, engine.loss, x, y))
+    assert set(engine.routes(x, y).values()) == {"vmap"}
+
+
+class SummedQuery(nn.Module):
+    """``proj`` runs on a (1, 5) parameter: its output is expanded to one row per sample, which the
+    ``.sum(0)`` after it does not tolerate. The check must see that (also after a one-sample batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 5))
+        self.proj = nn.Linear(5, 5)
+        self.head = nn.Linear(1, 3)
+
+    def forward(self, x):
+        k = torch.tanh(self.proj(self.query)).sum(0)  # (5,)
+        return self.head((x @ k).unsqueeze(1))
+
+
+def test_an_expanded_output_the_model_does_not_tolerate_is_caught():
+    torch.manual_seed(8)
+    x, y = data()
+    model = SummedQuery()
+    engine = gradient_engine(ParameterLayout(model), nn.functional.cross_entropy)
+    engine.gradients(x[:1], y[:1], 4)
+    torch.testing.assert_close(engine.gradients(x, y, 4), reference_gradients(model, engine.loss, x, y))
+    assert engine.routes(x, y)["proj.weight"] == "vmap"
 
 
 def test_training_mode_batch_norm_never_takes_the_batched_path():
     model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
     engine = gradient_engine(ParameterLayout(model), nn.functional.cross_entropy)
     assert not engine._batched_allowed()
+    x, y = data()
+    assert set(engine.routes(x, y).values()) == {"vmap"}
     model.eval()
     assert engine._batched_allowed()
+    check(model, nn.functional.cross_entropy, x, y, expect_factored=True)
+
+
+def test_training_mode_dropout_without_dropping_stays_on_the_batched_path():
+    model = nn.Sequential(nn.Linear(5, 4), nn.Dropout(0.0), nn.Tanh(), nn.Linear(4, 3)).train()
     x, y = data()
-    check(model, nn.functional.cross_entropy, x, y, expect_batched=True)
+    check(model, nn.functional.cross_entropy, x, y, expect_factored=True)
+    model[1].p = 0.5  # now it draws masks: no per-sample function to take gradients of
+    assert not gradient_engine(ParameterLayout(model), nn.functional.cross_entropy)._batched_allowed()
 
 
 def test_influences_through_the_factored_path_match_dense_gradients():
@@ -309,16 +396,16 @@ def test_few_and_many_factors_take_either_contraction(k):
 
 
 def test_the_check_runs_once_per_input_signature(monkeypatch):
-    """The one-sample comparison with vmap(grad) runs the first time inputs of a feature shape,
-    dtype and device come; later calls with the same signature reuse the verdict, and the values
-    stay those of the one-sample autograd loop."""
+    """The check (sample 0 against autograd on a batch of one, the batch sum against the plain batch
+    gradient) runs the first time inputs of a feature shape, dtype and device come; later calls with
+    the same signature reuse the verdict, and the values stay those of the one-sample autograd loop."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     loss = nn.functional.cross_entropy
     engine = gradient_engine(ParameterLayout(model), loss)
     checks = []
-    original = engine._matches_vmap
-    monkeypatch.setattr(engine, "_matches_vmap", lambda *a: checks.append(1) or original(*a))
+    original = engine._verify
+    monkeypatch.setattr(engine, "_verify", lambda *a: checks.append(1) or original(*a))
     for n in (5, 7, 5):
         x, y = torch.randn(n, 3), torch.randint(0, 2, (n,))
         got = engine.to_dense(engine.factored(x, y, 64))
@@ -327,3 +414,16 @@ def test_the_check_runs_once_per_input_signature(monkeypatch):
     soft = torch.softmax(torch.randn(4, 2), dim=1)  # class probabilities: another target signature
     engine.factored(torch.randn(4, 3), soft, 64)
     assert len(checks) == 2
+
+
+def test_an_engine_shipped_to_another_process_still_works():
+    """Dask workers get a pickled copy: nothing in the engine may be keyed by the old objects' ids."""
+    import pickle
+
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 3))
+    engine = pickle.loads(pickle.dumps(gradient_engine(ParameterLayout(model), nn.functional.cross_entropy)))
+    x, y = data()
+    expected = reference_gradients(engine.model, engine.loss, x, y)
+    torch.testing.assert_close(engine.gradients(x, y, 4), expected)
+    assert set(engine.routes(x, y).values()) == {"batched"}

@@ -233,10 +233,10 @@ def _structured_loss(outputs, y: Tensor) -> Tensor:
 
 
 @pytest.mark.parametrize("kind", ["tuple", "dataclass"])
-@pytest.mark.parametrize("mode", ["hessian", "empirical_fisher"])
+@pytest.mark.parametrize("mode", ["hessian", "gauss_newton", "empirical_fisher"])
 def test_the_loss_receives_what_the_model_returns(kind, mode):
-    """Outputs that are not a tensor reach the loss as they are (Gauss-Newton needs tensor outputs
-    for its Jacobian products: not covered here)."""
+    """Outputs that are not a tensor (a tuple with a string, a plain dataclass) reach the loss as
+    they are, in every curvature mode (Gauss-Newton differentiates their floating tensors)."""
     torch.manual_seed(0)
     twin = TensorMLP().double()
     model = StructuredOutputs(kind).double()
