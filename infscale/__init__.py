@@ -29,8 +29,8 @@ from .errors import (
     StoreMismatchError,
     ThreadSafetyViolationError,
     TrainingModeError,
-    UnsupportedCurvatureError,
     UnalignedChunksError,
+    UnsupportedCurvatureError,
     UnsupportedInfluenceModeError,
     UserFixableError,
 )
