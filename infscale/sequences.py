@@ -32,9 +32,8 @@ from .store import _Layout, _offsets, _regular_chunk, _write_blocks
 __all__ = ["ChunkSource", "BlockSource", "LazyChunkSequence", "NestedLazyChunkSequence"]
 
 
-class ChunkSource(ABC):
-    """What a flat lazy sequence is made of: chunk sizes known up front and a way to
-    compute chunks (all, or only some of them)."""
+class _Source:
+    """What every source of a lazy sequence has, besides its chunks."""
 
     #: trailing dimensions of every chunk after the first (batch) one
     feature_shape: tuple[int, ...] = ()
@@ -46,6 +45,15 @@ class ChunkSource(ABC):
     #: loaders leave it unused.
     input_observer: Callable[..., None] | None = None
 
+    def attributes(self) -> dict[str, Any]:
+        """What the numbers are (stored as zarr attributes)."""
+        return {}
+
+
+class ChunkSource(_Source, ABC):
+    """What a flat lazy sequence is made of: chunk sizes known up front and a way to
+    compute chunks (all, or only some of them)."""
+
     @abstractmethod
     def chunk_sizes(self) -> list[int]:
         """Number of rows of each chunk, in order."""
@@ -54,21 +62,9 @@ class ChunkSource(ABC):
     def iter_chunks(self, todo: Callable[[int], bool] | None = None) -> Iterator[tuple[int, Any]]:
         """Yield (index, chunk) in order, computing only chunks with ``todo(index)`` true."""
 
-    def attributes(self) -> dict[str, Any]:
-        """What the numbers are (stored as zarr attributes)."""
-        return {}
 
-
-class BlockSource(ABC):
+class BlockSource(_Source, ABC):
     """What a nested lazy sequence is made of: a grid of blocks (row batch × column batch)."""
-
-    feature_shape: tuple[int, ...] = ()
-    dtype: np.dtype | None = None
-    #: set by ``to_zarr`` while writing: called as ``observer(axis, index, *inputs)`` with the
-    #: inputs of each batch as it is read ("row" for the test side, "col" for the training
-    #: side), so that a resume can check that it reads the same data. Sources without
-    #: loaders leave it unused.
-    input_observer: Callable[..., None] | None = None
 
     @abstractmethod
     def row_sizes(self) -> list[int]:
@@ -84,9 +80,6 @@ class BlockSource(ABC):
     ) -> Iterator[tuple[int, int, Any]]:
         """Yield (row, col, block) for every block with ``todo(row, col)`` true, in the
         cheapest loop order, or row by row if ``row_major``."""
-
-    def attributes(self) -> dict[str, Any]:
-        return {}
 
 
 class _GeneratorChunkSource(ChunkSource):
