@@ -347,9 +347,8 @@ class EkfacInfluence(FactorFile, TorchInfluenceFunctionModel):
         capture = self._capture
         for s in range(0, batch_rows(x), chunk):
             batch = capture.forward(take_rows(x, s, s + chunk))
-            deltas = next(
-                capture.deltas(batch, y[s : s + chunk], FisherType.EMPIRICAL, None, type(self).__name__)
-            )
+            empirical = capture.deltas(batch, y[s : s + chunk], FisherType.EMPIRICAL, None, "EkfacInfluence")
+            _, deltas = next(empirical)
             out = {}
             for b in self.blocks:
                 if b.model == "diagonal":

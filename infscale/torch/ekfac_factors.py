@@ -31,6 +31,9 @@ from .ekfac_loss import EkfacLoss, FisherType, LossSpec
 from .layout import ParameterLayout
 from .memory import default_chunk_size
 
+#: output gradients of at most this many bytes per chunk of output vectors (exact Fisher)
+VECTOR_BYTES = 64 * 2**20
+
 __all__ = ["EkfacLoss", "FisherType", "Capture", "accumulate_factors", "accumulate_diagonal", "rotated"]
 
 
@@ -180,37 +183,69 @@ class Capture:
         return out
 
     def location_mask(self, side: Side, batch: Batch) -> Tensor | None:
-        """The token mask where it fits this call's locations (n, T), else None."""
+        """The locations (n, T) that enter the factors: the token mask where it fits this call's
+        locations, and for an embedding only those with a token (not the padding index); None: all."""
         T = side.shape[1]
-        if batch.mask is None or batch.mask.shape[1] != T or T == 1:
-            return None
-        return batch.mask
+        mask = None if batch.mask is None or batch.mask.shape[1] != T or T == 1 else batch.mask != 0
+        if isinstance(side, OneHot):
+            mask = side.index >= 0 if mask is None else mask & (side.index >= 0)
+        return mask
 
     # ------------------------------------------------------------------ backward
-    def deltas(self, batch: Batch, y: Tensor, fisher: FisherType, generator, where: str) -> Iterator[dict]:
-        """Per output vector: module id → the output gradient of each of its calls (as recorded)."""
+    def deltas(
+        self, batch: Batch, y: Tensor, fisher: FisherType, generator, where: str
+    ) -> Iterator[tuple[int, dict[int, list[Tensor]]]]:
+        """Per chunk of k output vectors: (k, module id → the output gradients of each of its calls,
+        the k vectors' stacked vector-major along the first dimension: k·n samples)."""
         keys = [(k, i) for k in self.modules for i in range(len(batch.calls[k]))]
         outs = [batch.calls[k][i][1] for k, i in keys]
         if self.spec.known or fisher is not FisherType.EMPIRICAL:
             z = self.spec.logits_of(batch.outputs)
             self.spec.check_logits(z, y, batch.n, where)
         if fisher is FisherType.EMPIRICAL:
-            count, targets = 1, iter([(self.spec.loss(batch.outputs, y) * batch.n, None)])
-        else:
-            w = self.spec.weights(batch.outputs, z, y, batch.n, where)
-            count, vectors = self.spec.output_vectors(z, w, fisher, generator)
-            targets = ((z, v.to(z.dtype)) for v in vectors)
-        for i, (target, v) in enumerate(targets):
-            grads = torch.autograd.grad(
-                target, outs, grad_outputs=v, retain_graph=i < count - 1, allow_unused=True
-            )
-            result: dict[int, list[Tensor]] = {k: [] for k in self.modules}
-            for (k, _), g, o in zip(keys, grads, outs):
-                result[k].append(torch.zeros_like(o) if g is None else g)
-            yield result
+            grads = torch.autograd.grad(self.spec.loss(batch.outputs, y) * batch.n, outs, allow_unused=True)
+            yield 1, self._by_module(keys, grads, outs, 1)
+            return
+        w = self.spec.weights(batch.outputs, z, y, batch.n, where)
+        count, vectors = self.spec.output_vectors(z, w, fisher, generator)
+        per_vector = sum(o.numel() for o in outs) * z.element_size()
+        size = max(1, min(count, VECTOR_BYTES // max(per_vector, 1)))
+        done = 0
+        while done < count:
+            V = torch.stack([next(vectors).to(z.dtype) for _ in range(min(size, count - done))])
+            done += V.shape[0]
+            grads = self._pullbacks(z, outs, V, retain=done < count)
+            yield V.shape[0], self._by_module(keys, grads, outs, V.shape[0])
 
-    def diagonal_gradients(self, block: Block, batch: Batch, deltas: dict) -> Tensor:
-        """Per-sample gradients (n, p_block) of a diagonal block: vmap of the vjp of each module call."""
+    @staticmethod
+    def _pullbacks(z: Tensor, outs: list[Tensor], V: Tensor, retain: bool) -> tuple:
+        """Jᵀv at every call output for the k vectors V (k, *z.shape): one vmapped backward pass
+        (``is_grads_batched``), or one pass per vector where the graph has no batching rule."""
+        if V.shape[0] > 1:
+            try:
+                return torch.autograd.grad(
+                    z, outs, grad_outputs=V, retain_graph=True, allow_unused=True, is_grads_batched=True
+                )
+            except RuntimeError:
+                pass
+        parts = [
+            torch.autograd.grad(z, outs, grad_outputs=v, retain_graph=True, allow_unused=True) for v in V
+        ]
+        if not retain:
+            torch.autograd.grad(z, outs, grad_outputs=torch.zeros_like(z), allow_unused=True)  # frees it
+        return tuple(None if p[0] is None else torch.stack(p) for p in zip(*parts))
+
+    def _by_module(self, keys, grads, outs, k: int) -> dict[int, list[Tensor]]:
+        result: dict[int, list[Tensor]] = {m: [] for m in self.modules}
+        for (m, _), g, o in zip(keys, grads, outs):
+            if g is None:
+                g = o.new_zeros((k, *o.shape))
+            result[m].append(g.flatten(0, 1) if g.ndim > o.ndim else g)
+        return result
+
+    def diagonal_gradients(self, block: Block, batch: Batch, deltas: dict, k: int = 1) -> Tensor:
+        """Per-sample gradients (k·n, p_block) of a diagonal block (k output vectors): vmap of the vjp
+        of each module call."""
         values = self.layout.parameters()
         total: dict[str, Tensor] = {}
         for use in block.uses:
@@ -222,11 +257,28 @@ class Capture:
                 return pullback(d.unsqueeze(0))[0]
 
             for (a, _), d in zip(batch.calls[id(module)], deltas[id(module)]):
-                grads = vmap(one, in_dims=(None, 0, 0))(params, a.detach(), d)
+                if a.shape[0] != batch.n:
+                    raise ValueError(
+                        f"EkfacInfluence: module {module_label(use.path, module)} was called on "
+                        f"{a.shape[0]} rows in a batch of {batch.n} samples; a diagonal block needs the "
+                        "samples on the first dimension."
+                    )
+                a = a.detach().repeat(k, *([1] * (a.ndim - 1)))
+                grads = vmap(one, in_dims=(None, 0, 0))(params, a, d)
                 for local, g in grads.items():
                     full = use.local[local]
                     total[full] = total[full] + g if full in total else g
-        return torch.cat([total[name].reshape(batch.n, -1) for name in block.params], 1).to(self.factor_dtype)
+        rows = k * batch.n
+        return torch.cat([total[name].reshape(rows, -1) for name in block.params], 1).to(self.factor_dtype)
+
+
+def repeated(side: Side | None, k: int) -> Side | None:
+    """The side (or mask) of n samples repeated for k output vectors: k·n rows, vector-major."""
+    if side is None or k == 1:
+        return side
+    if isinstance(side, OneHot):
+        return OneHot(side.index.repeat(k, 1), side.size)
+    return side.repeat(k, *([1] * (side.ndim - 1)))
 
 
 # ------------------------------------------------------------- rotations
@@ -316,20 +368,16 @@ def accumulate_factors(
                 for a, m in zip(use_acts, use_masks):
                     a = masked(a, m)
                     A[b.name][u] = A[b.name][u] + gram(a)
-                    if isinstance(a, OneHot):
-                        locations[b.name][u] += int((a.index >= 0).sum())
-                    else:
-                        locations[b.name][u] += int(m.sum()) if m is not None else a.shape[0] * a.shape[1]
-        for deltas in capture.deltas(batch, y, fisher, generator, where):
+                    locations[b.name][u] += int(m.sum()) if m is not None else a.shape[0] * a.shape[1]
+        for k, deltas in capture.deltas(batch, y, fisher, generator, where):
             for b in kron:
                 for u, use in enumerate(b.uses):
                     for d, m in zip(deltas[id(use.module)], masks[b.name][u]):
-                        d = masked(capture.gradient_side(use, d, batch.n), m)
+                        d = masked(capture.gradient_side(use, d, k * batch.n), repeated(m, k))
                         G[b.name][u] = G[b.name][u] + gram(d)
             for b in diag:
-                moments[b.name] = moments[b.name] + capture.diagonal_gradients(b, batch, deltas).square().sum(
-                    0
-                )
+                g = capture.diagonal_gradients(b, batch, deltas, k)
+                moments[b.name] = moments[b.name] + g.square().sum(0)
         n += batch.n
     if n == 0:
         return Factors(0, {}, {}, {})
@@ -358,9 +406,10 @@ def accumulate_diagonal(
     for x, y in batches:
         batch = capture.forward(x)
         acts = {b.name: capture.activations(b, batch) for b in kron}
-        for deltas in capture.deltas(batch, y, fisher, generator, where):
+        for k, deltas in capture.deltas(batch, y, fisher, generator, where):
             for b in kron:
-                terms = capture.terms(b, acts[b.name], deltas, batch.n)
+                acts_k = [[repeated(a, k) for a in use] for use in acts[b.name]]
+                terms = capture.terms(b, acts_k, deltas, k * batch.n)
                 diag[b.name] += rotated_squares(*bases[b.name], terms, capture.factor_dtype)
     return diag
 
@@ -397,7 +446,7 @@ def nearest_kronecker(rows: list[Tensor], cols: list[Tensor]) -> tuple[Tensor, T
     values, vectors = torch.linalg.eig(Q @ P)
     a = vectors[:, values.real.argmax()].real
     a = a * torch.sign(a.sum()) if a.sum() != 0 else torch.ones_like(a)
-    b = P @ a
+    b = P @ a / (a @ P @ a).clamp_min(torch.finfo(a.dtype).tiny)  # so that R ⊗ C is the best fit, scale too
     return sum(w * r for w, r in zip(a, rows)), sum(w * c for w, c in zip(b, cols))
 
 

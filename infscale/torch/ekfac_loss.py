@@ -158,8 +158,9 @@ class LossSpec:
         if g is None or not g.requires_grad:
             raise ValueError(
                 f"{where}: the loss does not depend on the logits read from the model's output (or is "
-                "linear in them), so it has no curvature there; check output_logits=, or use "
-                "fisher='empirical'."
+                "linear in them), so it has no curvature there; output_logits= must return the very "
+                "tensor the loss computes from (an entry of the output, not a new computation on it), "
+                "or use fisher='empirical'."
             )
         return [torch.autograd.grad(g, z, grad_outputs=u, retain_graph=True)[0].detach() for u in probes]
 
