@@ -56,20 +56,35 @@ def token_regression():
     return model, [(ids[:5], y[:5]), (ids[5:], y[5:])], (ids[:3], y[:3])
 
 
+def padding_ignored_mse(out, y):
+    """Squared error over the positions whose target is not NaN (padding), / (T · 3) per sample: the
+    padded positions get weight 0, the others 1/(3T) (a callable of the "mse" family)."""
+    real = ~torch.isnan(y)
+    return ((out - y.nan_to_num()).square() * real).sum((1, 2)).mean() / (y.shape[1] * y.shape[2])
+
+
 @pytest.mark.parametrize("update_diagonal", [True, False])
-def test_embedding_with_squared_error_is_exactly_kronecker(update_diagonal):
-    """GN = diag(counts)/n ⊗ (2/k) I: the curvature block and the influences are exact."""
+@pytest.mark.parametrize("loss", ["mse", "padding_ignored"])
+def test_embedding_with_squared_error_is_exactly_kronecker(update_diagonal, loss):
+    """GN = diag(counts)/n ⊗ 2w I (padding tokens have no gradient, and with ``padding_ignored`` no
+    loss either, which only leaving them out of G's locations gets right): the curvature block and
+    the influences are exact."""
     model, train, (xt, yt) = token_regression()
+    if loss == "padding_ignored":
+        train = [(x, y.masked_fill((x == 0).unsqueeze(-1), float("nan"))) for x, y in train]
+    loss_fn = F.mse_loss if loss == "mse" else padding_ignored_mse
     lam = 1e-3
-    ek = EkfacInfluence(model, update_diagonal, lam, loss=F.mse_loss, fisher="exact").fit(train)
+    ek = EkfacInfluence(model, update_diagonal, lam, loss=loss_fn, loss_family="mse", fisher="exact").fit(
+        train
+    )
     assert ek.covered_modules == [("embedding", "Embedding", "kronecker", "embedding")]
     assert "embedding" not in ek.eigenvectors_A  # the vocabulary side stays in the identity basis
-    GN = ref.gauss_newton(model, F.mse_loss, train)
+    GN = ref.gauss_newton(model, loss_fn, train)
     torch.testing.assert_close(ek.curvature_block("embedding"), GN, rtol=1e-10, atol=1e-14)
     counts = torch.bincount(torch.cat([x for x, _ in train]).flatten(), minlength=7).to(DT)
     counts[0] = 0  # the padding index has no gradient
     torch.testing.assert_close(ek.kronecker_factors()["embedding"]["A"], torch.diag(counts / 9))
-    expected = ref.exact_influences(model, F.mse_loss, train, [(xt, yt)], lam, "gauss_newton")
+    expected = ref.exact_influences(model, loss_fn, train, [(xt, yt)], lam, "gauss_newton")
     x = torch.cat([x for x, _ in train])
     y = torch.cat([y for _, y in train])
     torch.testing.assert_close(ek.influences(xt, yt, x, y), expected, rtol=1e-8, atol=1e-12)
@@ -201,6 +216,50 @@ def test_tied_weight_is_one_block_with_exact_gradients_and_projected_gauss_newto
         atol=1e-13,
     )
     assert_projected_gauss_newton(ek, model, ref.gauss_newton(model, rm.sequence_lm_loss, train))
+
+
+def test_tied_weight_kfac_is_the_sum_of_its_uses_kronecker_terms():
+    """K-FAC of the shared block: each use's factors built here by hand (exact Fisher; in this model the
+    logits at token t depend on the embedding at t only), R ⊗ C = the nearest Kronecker product of
+    their sum (SVD of the rearrangement), eigenvalues Σ_u diag(Q_Rᵀ R_u Q_R) ⊗ diag(Q_Cᵀ C_u Q_C)."""
+    torch.manual_seed(0)
+    model = TiedLM().to(DT)
+    g = torch.Generator().manual_seed(8)
+    ids = torch.randint(0, 11, (7, 4), generator=g)
+    labels = ids.clone()
+    labels[::3, -1] = -100
+    ek = EkfacInfluence(model, False, loss=rm.sequence_lm_loss, loss_family="cross_entropy", fisher="exact")
+    ek.fit([(ids, labels)])
+    n, T = ids.shape
+    W = model.embed.weight.detach()
+    e = W[ids]  # (n, T, d) embedding outputs
+    h = torch.tanh(e)
+    p = torch.softmax(h @ W.T, -1)  # (n, T, V)
+    predicts = torch.zeros(n, T, dtype=DT)
+    predicts[:, :-1] = (labels[:, 1:] != -100).to(DT)
+    w = predicts / predicts.sum(1, keepdim=True)  # 1/m at the m positions that predict a token
+    H = w[..., None, None] * (torch.diag_embed(p) - p[..., :, None] * p[..., None, :])  # (n, T, V, V)
+    D = 1 - h.square()
+    G_head = H.sum((0, 1)) / (n * T)
+    G_embed = torch.einsum("ntd,vd,ntvu,ue,nte->de", D, W, H, W, D) / (n * T)
+    A_head = torch.einsum("ntd,nte->de", h, h) / n
+    A_embed = torch.diag(torch.bincount(ids.flatten(), minlength=11).to(DT)) / n
+    rows, cols = [A_embed, G_head], [G_embed, A_head]  # the block is W as stored: (V, d)
+    U, S, Vh = torch.linalg.svd(sum(torch.outer(r.reshape(-1), c.reshape(-1)) for r, c in zip(rows, cols)))
+    factors = ek.kronecker_factors()["embed"]  # A: the vocabulary side (rows), G: the d side
+    torch.testing.assert_close(
+        torch.outer(factors["A"].reshape(-1), factors["G"].reshape(-1)),
+        S[0] * torch.outer(U[:, 0], Vh[0]),
+        rtol=1e-8,
+        atol=1e-12,
+    )
+    q_r, q_c = ek.eigenvectors_A["embed"], ek.eigenvectors_G["embed"]
+    expected = sum(
+        torch.outer(torch.diagonal(q_r.T @ r @ q_r), torch.diagonal(q_c.T @ c @ q_c))
+        for r, c in zip(rows, cols)
+    )
+    B = torch.einsum("ai,bj->ijab", q_r, q_c).reshape(-1, 44)  # basis matrices, row-major = flat layout
+    torch.testing.assert_close(((B @ ek.curvature_block("embed")) * B).sum(1), expected.reshape(-1))
 
 
 def test_nearest_kronecker_is_the_leading_singular_pair_of_the_rearrangement():
