@@ -1,42 +1,33 @@
-"""K-FAC and EK-FAC influence: Kronecker-factored curvature per Linear / Conv2d layer.
+"""K-FAC and EK-FAC influence: Kronecker-factored curvature per layer, diagonal per norm layer.
 
-For a layer with weight ``W`` (d_out × d_in) and bias ``b``, the per-sample gradient is the
-outer product ``g = δ ãᵀ`` of the gradient ``δ`` of the per-sample loss with respect to the
-layer's output and the layer input ``ã = [a, 1]`` (the 1 only when the layer has a bias). In
-infscale's flat layout (``weight`` row-major, then ``bias``) the gradient of a layer is
-``vec(g) = δ ⊗ ã`` and its Fisher block is approximated as
+For a layer whose per-sample gradient is the matrix ``g = Σ_t δ_t ã_tᵀ`` (output gradients δ and
+inputs ã = [a, 1] at the layer's locations t: one for an MLP layer, tokens, or conv patches) the
+curvature block is approximated as
 
-    F ≈ G ⊗ A,    A = E[ã ãᵀ],   G = E[δ δᵀ]                                   (K-FAC)
+    F ≈ G ⊗ A,    A = E[Σ_t ã_t ã_tᵀ],   G = E[Σ_t δ_t δ_tᵀ] / T                      (K-FAC / KFC)
 
-With the eigendecompositions ``A = Q_A Λ_A Q_Aᵀ`` and ``G = Q_G Λ_G Q_Gᵀ``, the inverse is
-applied to a gradient matrix ``V`` (d_out × d_in) as ``Q_G [(Q_Gᵀ V Q_A) / (Λ + λ)] Q_Aᵀ``
-with ``Λ_ij = Λ_G,i Λ_A,j`` (K-FAC) or, with ``update_diagonal=True`` (EK-FAC, George et al.
-2018), ``Λ_ij = E[(Q_Gᵀ g Q_A)_ij²]`` fitted in a second pass over the data.
+With the eigendecompositions ``A = Q_A Λ_A Q_Aᵀ`` and ``G = Q_G Λ_G Q_Gᵀ``, the inverse is applied
+to a gradient matrix ``V`` as ``Q_G [(Q_Gᵀ V Q_A) / (Λ + λ)] Q_Aᵀ`` with ``Λ_ij = Λ_G,i Λ_A,j``
+(K-FAC) or, with ``update_diagonal=True`` (EK-FAC, George et al. 2018), ``Λ_ij = E[(Q_Gᵀ g Q_A)_ij²]``
+fitted in a second pass over the data.
 
-Conv2d layers use KFC (Grosse & Martens 2016): ``ã_t`` are the input patches (as
-``torch.nn.functional.unfold`` extracts them, honouring padding, stride and dilation) at the
-output locations t = 1..T, ``δ_t`` the output gradients there, the per-sample gradient is
-``g = Σ_t δ_t ã_tᵀ``, and
+Layers (``ekfac_layers``): nn.Linear, transformers' Conv1D (a transposed Linear), nn.Conv2d (KFC
+patches) and nn.Embedding (one-hot inputs: A = diag(token counts)/n, kept in the identity basis)
+are Kronecker blocks; a weight shared by several modules (GPT-2's tied ``wte`` / ``lm_head``) is one
+block whose uses' Kronecker terms are summed. LayerNorm, GroupNorm, RMSNorm and BatchNorm (eval mode)
+are diagonal blocks: ``Λ = E[g²]`` of their per-sample gradients, for K-FAC and EK-FAC alike.
 
-    A = E[Σ_t ã_t ã_tᵀ]   (summed over locations),   G = E[Σ_t δ_t δ_tᵀ] / T   (averaged),
-
-so that ``G ⊗ A`` approximates ``E[g gᵀ]`` under the paper's independence, spatial homogeneity
-and spatially-uncorrelated-derivatives assumptions. Linear layers applied to inputs with extra
-dimensions (e.g. sequences, (n, T, d)) follow the same convention with T the product of the
-extra dimensions.
-
-See docs/ekfac.md for the loss and Fisher conventions.
+The loss and the Fisher (``ekfac_loss``): any ``loss(outputs, y)``; the true and exact Fisher read
+the loss family's curvature in the logits. See docs/ekfac.md.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -44,20 +35,15 @@ from ..base import InfluenceMode
 from .base import TorchInfluenceFunctionModel
 from .data import batch_size_of, device_batches, take_rows
 from .ekfac_factors import (
-    EkfacLoss,
-    FisherType,
-    LayerCapture,
-    _Layer,
+    Capture,
     accumulate_diagonal,
     accumulate_factors,
-    check_targets,
-    find_layers,
-    module_label,
+    eigenbases,
     rotated,
-    to_flat,
-    to_matrix,
 )
-from .ekfac_io import read_factors, write_factors
+from .ekfac_io import FactorFile
+from .ekfac_layers import KRONECKER_LAYERS, Block, find_blocks, module_label, to_flat, to_matrix
+from .ekfac_loss import EkfacLoss, FisherType, parse_loss
 from .layout import _Block, parse_enum
 from .linalg import not_positive_definite, numerically_singular
 from .memory import default_chunk_size
@@ -87,47 +73,59 @@ def _loss_in_place_of_update_diagonal(update_diagonal: Any, loss: Any) -> tuple[
     )
 
 
-class EkfacInfluence(TorchInfluenceFunctionModel):
+class EkfacInfluence(FactorFile, TorchInfluenceFunctionModel):
     """Influences with the (eigenvalue-corrected) Kronecker-factored curvature of each layer.
 
-    One block per supported layer (``nn.Linear``, ``nn.Conv2d`` with groups=1), named by the
-    layer's path in the model (``"root"`` if the model is a single layer); cross-layer curvature
-    is dropped, and influences are the sum over layers. The curvature is the Fisher of ``loss``
-    (see ``fisher``), which for cross-entropy and MSE in expectation equals the Gauss-Newton
-    matrix of the **mean** training loss; the query gradients are gradients of the same loss
-    with the given labels. Sign convention: ``influences = ∇ℓ(z_test)ᵀ (F + λI)⁻¹ ∇ℓ(z_train)``,
-    positive means up-weighting the training point lowers the test loss (see ``infscale.base``).
+    One block per modelled parameter group (see ``covered_modules``), named by the path of the
+    module that owns it (``"root"`` for the model itself); cross-block curvature is dropped, and
+    influences are the sum over blocks. The curvature is the Fisher of ``loss`` (see ``fisher``),
+    which for cross-entropy and MSE families in expectation equals the Gauss-Newton matrix of the
+    **mean** training loss; the query gradients are gradients of the same loss with the given
+    labels. Sign convention: ``influences = ∇ℓ(z_test)ᵀ (F + λI)⁻¹ ∇ℓ(z_train)``, positive means
+    up-weighting the training point lowers the test loss (see ``infscale.base``).
 
     Args:
-        model: a ``torch.nn.Module`` (in eval mode; each supported layer called once per forward).
+        model: a ``torch.nn.Module`` in eval mode.
         update_diagonal: True: EK-FAC (the diagonal in the Kronecker eigenbasis is fitted in a
             second pass). False: K-FAC (eigenvalues Λ_G,i Λ_A,j of the Kronecker product).
-            The seed's second positional parameter; a loss given there (a string, an
-            ``EkfacLoss`` or a callable, as in ``EkfacInfluence(model, F.mse_loss)``) is taken as
-            ``loss``, and update_diagonal keeps its default True.
         hessian_regularization: λ ≥ 0 added to the curvature's diagonal: a float, or a dict
-            block (layer path) → float.
+            block → float.
         progress: show progress bars over the training batches during ``fit``.
-        loss: ``"cross_entropy"`` (default) or ``"mse"`` (``EkfacLoss``; the two torch
-            functions ``F.cross_entropy`` / ``F.mse_loss`` are accepted too).
+        loss: ``loss(outputs, y)``, the batch mean of per-sample losses, as for every method; or
+            ``"cross_entropy"`` (default) / ``"mse"`` (``EkfacLoss``), i.e. ``F.cross_entropy`` /
+            ``F.mse_loss``.
         fisher: ``"true"`` (default; labels sampled from the model, seeded by ``seed``),
-            ``"empirical"`` (the given labels) or ``"exact"`` (``FisherType``).
+            ``"empirical"`` (the given labels; needs nothing but ``loss``) or ``"exact"``.
         seed: seed of the label sampling for ``fisher="true"``. Both passes of ``fit`` restart
             the generator, so they see the same labels when the data loader repeats its batches.
-        skip_unsupported: False (default): a module with trainable parameters that is not a
-            supported layer raises ValueError. True: such modules are left out (their parameters
-            are held fixed and excluded from the influences) and listed in a warning.
+        skip_unsupported: False (default): a module with trainable parameters that EK-FAC cannot
+            model raises ValueError. True: such modules are left out (their parameters are held
+            fixed and excluded from the influences) and listed in a warning.
         factor_dtype: dtype of the factors, eigenbases and all rotations (default float64).
             Results are returned in the model's dtype.
         gradient_chunk_size: queries are processed this many samples at a time (default: as
             many as fit in 256 MiB of per-sample gradients).
+        loss_family: for a callable ``loss`` with ``fisher="true"`` or ``"exact"``:
+            ``"cross_entropy"`` or ``"mse"`` (``EkfacLoss``), the form of its curvature in the logits
+            (see ``infscale.torch.ekfac_loss``). Inferred for the built-in losses.
+        output_logits: ``outputs -> Tensor``, the logits the loss family applies to (classes on the
+            last dimension). Default: the output itself, ``outputs["logits"]`` / ``.logits`` of a
+            ModelOutput, or the first entry of a tuple.
+        token_mask: ``x -> (n, T)`` tensor, nonzero at real tokens; masked tokens are left out of the
+            factors A and G of layers applied to sequences of length T. Default: ``x["attention_mask"]``
+            of a mapping ``x``, else no mask.
+        diagonal_modules: more module classes to model as diagonal blocks (elementwise-affine
+            modules whose forward is a function of their first argument, samples independent).
+
+    Attributes (after construction): ``covered_modules`` (path, class name, "kronecker" or
+    "diagonal", block) for every module whose parameters are modelled; ``skipped_modules``
+    (path, class name) of those left out.
 
     Raises:
         ValueError: an unsupported module with trainable parameters (without
-            ``skip_unsupported``), no supported layer, an unknown ``loss`` or ``fisher``.
-        TypeError: update_diagonal neither a bool nor a loss, or a loss both in its place and
-            as a different ``loss=``.
-        NotPositiveDefiniteError (at query): a layer's curvature model plus λ is singular to
+            ``skip_unsupported``), no modelled parameter, an unknown ``loss``, ``loss_family`` or
+            ``fisher``, or a true/exact Fisher for a callable loss without ``loss_family``.
+        NotPositiveDefiniteError (at query): a block's curvature model plus λ is singular to
             working precision; the message gives a λ that makes it invertible.
     """
 
@@ -143,28 +141,30 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
     def __init__(
         self,
         model: nn.Module,
-        update_diagonal: bool | EkfacLoss | str | Callable = True,
+        update_diagonal: bool = True,
         hessian_regularization: float | Mapping[str, float] = 0.0,
         progress: bool = False,
-        loss: EkfacLoss | str = EkfacLoss.CROSS_ENTROPY,
+        loss: Callable[[Any, Tensor], Tensor] | EkfacLoss | str = EkfacLoss.CROSS_ENTROPY,
         fisher: FisherType | str = FisherType.TRUE,
         seed: int = 0,
         skip_unsupported: bool = False,
         factor_dtype: torch.dtype = torch.float64,
         gradient_chunk_size: int | None = None,
+        *,
+        loss_family: EkfacLoss | str | None = None,
+        output_logits: Callable[[Any], Tensor] | None = None,
+        token_mask: Callable[[Any], Tensor] | None = None,
+        diagonal_modules: Sequence[type] = (),
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
         update_diagonal, loss = _loss_in_place_of_update_diagonal(update_diagonal, loss)
-        if loss is F.cross_entropy:
-            loss = EkfacLoss.CROSS_ENTROPY
-        elif loss is F.mse_loss:
-            loss = EkfacLoss.MSE
-        self.loss_type = parse_enum(EkfacLoss, loss, "loss")
         self.fisher = parse_enum(FisherType, fisher, "fisher")
+        self.spec = parse_loss(loss, loss_family, output_logits, self.fisher)
+        self.loss_type = self.spec.family
         if not isinstance(factor_dtype, torch.dtype) or not factor_dtype.is_floating_point:
             raise ValueError(f"factor_dtype must be a floating torch.dtype; got {factor_dtype!r}.")
-        layers, unsupported = find_layers(model)
+        blocks, unsupported = find_blocks(model, tuple(diagonal_modules))
         if unsupported and not skip_unsupported:
             listing = "; ".join(
                 f"module {module_label(p, m)} with trainable parameters {names}: {why}"
@@ -174,13 +174,15 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
                 f"EkfacInfluence: {listing}. Freeze such modules (requires_grad_(False)) or pass "
                 "skip_unsupported=True to leave them out of the influences."
             )
-        if not layers:
+        if not blocks:
             raise ValueError(
                 f"EkfacInfluence: model={type(model).__name__} has no supported layer with trainable "
-                "parameters; K-FAC/EK-FAC needs at least one torch.nn.Linear or torch.nn.Conv2d "
-                "(groups=1)."
+                f"parameters; K-FAC/EK-FAC models {KRONECKER_LAYERS}."
             )
         self.skipped_modules = [(p or "<root>", type(m).__name__) for p, m, _, _ in unsupported]
+        self.covered_modules = [
+            (u.path or "<root>", type(u.module).__name__, b.model, b.name) for b in blocks for u in b.uses
+        ]
         if unsupported:
             warnings.warn(
                 "EkfacInfluence: leaving out modules it does not support; their parameters are held "
@@ -188,43 +190,46 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
                 + ", ".join(f"{module_label(p, m)}" for p, m, _, _ in unsupported),
                 stacklevel=2,
             )
-        structure = {layer.block: [layer.weight] + ([layer.bias] if layer.bias else []) for layer in layers}
         # the skipped modules' parameters are held fixed like frozen ones (the model is not changed)
         skipped = [name for _, _, names, _ in unsupported for name in names]
-        base_loss = F.cross_entropy if self.loss_type is EkfacLoss.CROSS_ENTROPY else F.mse_loss
         super().__init__(
             model,
-            base_loss,
+            self.spec.loss,
             hessian_regularization,
-            structure,
+            {b.name: b.params for b in blocks},
             "gauss_newton",
             gradient_chunk_size,
             held_fixed=skipped,
         )
-        self.update_diagonal = update_diagonal
+        self.update_diagonal = bool(update_diagonal)
         self.progress = progress
         self.seed = int(seed)
         self.skip_unsupported = skip_unsupported
         self.factor_dtype = factor_dtype
-        self.layers: list[_Layer] = layers
-        self._by_block = {layer.block: layer for layer in layers}
-        self._capture = LayerCapture(self.layout, layers, self.loss_type, factor_dtype)
-        self.eigenvectors_A: dict[str, Tensor] = {}
+        self.blocks: list[Block] = blocks
+        self._by_block = {b.name: b for b in blocks}
+        self._capture = Capture(self.layout, blocks, self.spec, factor_dtype, token_mask)
+        self.eigenvectors_A: dict[str, Tensor] = {}  # absent for an identity basis (embeddings)
         self.eigenvalues_A: dict[str, Tensor] = {}
         self.eigenvectors_G: dict[str, Tensor] = {}
         self.eigenvalues_G: dict[str, Tensor] = {}
-        self.diagonal: dict[str, Tensor] = {}  # EK-FAC: the fitted Λ (d_out, d_in) per layer
+        self.diagonal: dict[str, Tensor] = {}  # Λ (rows, cols) where it is not Λ_G ⊗ Λ_A
         self._denominators: dict[str, Tensor] = {}
+
+    @property
+    def layers(self) -> list[Block]:
+        """The Kronecker blocks (the former name of ``blocks`` when only Linear/Conv2d existed)."""
+        return [b for b in self.blocks if b.model == "kronecker"]
 
     # ------------------------------------------------------------------ label checks
     def _check_targets(self, y: Tensor, y_name: str, where: str) -> None:
-        check_targets(self.loss_type, y, y_name, where)
+        self.spec.check_targets(y, y_name, where)
 
     # ------------------------------------------------------------------ fit
-    def _batches(self, data: Iterable, desc: str) -> Iterator[tuple[Tensor, Tensor]]:
+    def _batches(self, data: Iterable, desc: str) -> Iterator[tuple[Any, Tensor]]:
         batches = device_batches(data, self._to_device)
         for x, y in tqdm(batches, desc=desc, disable=not self.progress):
-            check_targets(self.loss_type, y, "the training labels", f"{type(self).__name__}.fit()")
+            self.spec.check_targets(y, "the training labels", f"{type(self).__name__}.fit()")
             yield x, y
 
     def _generator(self):
@@ -232,20 +237,25 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
 
     def _fit(self, data: Iterable) -> None:
         where = "EkfacInfluence.fit()"
-        n, A, G = accumulate_factors(
+        factors = accumulate_factors(
             self._capture, self._batches(data, "K-FAC factors"), self.fisher, self._generator(), where
         )
-        if n == 0:
+        if factors.n == 0:
             raise ValueError("EkfacInfluence.fit(): the training data yielded no samples.")
-        self.n_train = n
-        for ly in self.layers:
-            b = ly.block
-            lam_a, q_a = torch.linalg.eigh(A[b])
-            lam_g, q_g = torch.linalg.eigh(G[b])
-            self.eigenvalues_A[b], self.eigenvectors_A[b] = lam_a.clamp_min(0), q_a
-            self.eigenvalues_G[b], self.eigenvectors_G[b] = lam_g.clamp_min(0), q_g
-        del A, G
-        self.diagonal = {}
+        self.n_train = factors.n
+        bases, shared = eigenbases(self.blocks, factors)
+        for store in (self.eigenvectors_A, self.eigenvalues_A, self.eigenvectors_G, self.eigenvalues_G):
+            store.clear()
+        for name, (q_r, l_r, q_c, l_c) in bases.items():
+            (q_a, l_a, q_g, l_g) = (
+                (q_r, l_r, q_c, l_c) if self._by_block[name].transposed else (q_c, l_c, q_r, l_r)
+            )
+            for store, value in ((self.eigenvectors_A, q_a), (self.eigenvectors_G, q_g)):
+                if value is not None:
+                    store[name] = value
+            self.eigenvalues_A[name], self.eigenvalues_G[name] = l_a, l_g
+        del factors.A, factors.G
+        self.diagonal = {**factors.second_moments, **({} if self.update_diagonal else shared)}
         if self.update_diagonal:
             diag = accumulate_diagonal(
                 self._capture,
@@ -253,18 +263,25 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
                 self.fisher,
                 self._generator(),
                 where,
-                self.eigenvectors_G,
-                self.eigenvectors_A,
+                {b: self._bases(b) for b in bases},
             )
-            self.diagonal = {b: v / n for b, v in diag.items()}
+            self.diagonal.update({b: v / factors.n for b, v in diag.items()})
         self._denominators = {}
 
     # ------------------------------------------------------------------ curvature model
+    def _bases(self, block: str) -> tuple[Tensor | None, Tensor | None]:
+        """(Q_rows, Q_cols) of a block's matrix; None is the identity."""
+        q_a, q_g = self.eigenvectors_A.get(block), self.eigenvectors_G.get(block)
+        if self._by_block[block].model == "diagonal":
+            return None, None
+        return (q_a, q_g) if self._by_block[block].transposed else (q_g, q_a)
+
     def _eigenvalues(self, block: str) -> Tensor:
-        """Λ (d_out, d_in): the curvature's eigenvalues in the Kronecker eigenbasis."""
-        if self.update_diagonal:
+        """Λ (rows, cols): the curvature's eigenvalues in the block's eigenbasis."""
+        if block in self.diagonal:
             return self.diagonal[block]
-        return torch.outer(self.eigenvalues_G[block], self.eigenvalues_A[block])
+        l_a, l_g = self.eigenvalues_A[block], self.eigenvalues_G[block]
+        return torch.outer(l_a, l_g) if self._by_block[block].transposed else torch.outer(l_g, l_a)
 
     def _denominator(self, block: str, lam: float | None = None) -> Tensor:
         cache = lam is None
@@ -289,42 +306,51 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
         return d
 
     def kronecker_factors(self) -> dict[str, dict[str, Tensor]]:
-        """The factors A (d_in × d_in) and G (d_out × d_out) of every layer, rebuilt from their
-        eigendecompositions (the model keeps only those): block → {"A": ..., "G": ...}."""
+        """The factors A (activation side) and G (gradient side) of every Kronecker block, rebuilt
+        from their eigendecompositions: block → {"A": ..., "G": ...}. For a weight shared by several
+        modules they are the nearest Kronecker product of the sum of its uses' terms, named after
+        its first use."""
         self._require_fitted("kronecker_factors")
         out = {}
-        for ly in self.layers:
-            b = ly.block
-            q_a, q_g = self.eigenvectors_A[b], self.eigenvectors_G[b]
-            out[b] = {
-                "A": (q_a * self.eigenvalues_A[b]) @ q_a.T,
-                "G": (q_g * self.eigenvalues_G[b]) @ q_g.T,
-            }
+        for b in self.layers:
+            sides = {}
+            for key, vectors, values in (
+                ("A", self.eigenvectors_A, self.eigenvalues_A),
+                ("G", self.eigenvectors_G, self.eigenvalues_G),
+            ):
+                q = vectors.get(b.name)
+                sides[key] = torch.diag(values[b.name]) if q is None else (q * values[b.name]) @ q.T
+            out[b.name] = sides
         return out
 
-    def curvature_block(self, block: str) -> Tensor:
-        """The explicit (p_block × p_block) curvature model of one layer in the flat layout,
-        without regularization; for checks on small layers."""
-        self._require_fitted("curvature_block")
-        ly = self._layer(block)
-        p = self.layout.block(block).size
-        eye = torch.eye(p, dtype=self.factor_dtype, device=self.device)
-        V = to_matrix(ly, eye)
-        q_g, q_a = self.eigenvectors_G[block], self.eigenvectors_A[block]
-        M = q_g @ ((q_g.T @ V @ q_a) * self._eigenvalues(block)) @ q_a.T
-        return to_flat(ly, M)
+    def _rotate(self, block: str, V: Tensor, back: bool = False) -> Tensor:
+        q_r, q_c = self._bases(block)
+        if q_r is not None:
+            V = (q_r if back else q_r.T) @ V
+        if q_c is not None:
+            V = V @ (q_c.T if back else q_c)
+        return V
 
-    def _layer(self, block: str) -> _Layer:
+    def curvature_block(self, block: str) -> Tensor:
+        """The explicit (p_block × p_block) curvature model of one block in the flat layout,
+        without regularization; for checks on small blocks."""
+        self._require_fitted("curvature_block")
+        b = self._block(block)
+        p = self.layout.block(block).size
+        V = to_matrix(b, torch.eye(p, dtype=self.factor_dtype, device=self.device))
+        M = self._rotate(block, self._rotate(block, V) * self._eigenvalues(block), back=True)
+        return to_flat(b, M)
+
+    def _block(self, block: str) -> Block:
         if block not in self._by_block:
-            raise ValueError(f"block={block!r} is no layer of this model; layers are {list(self._by_block)}.")
+            raise ValueError(f"block={block!r} is no block of this model; blocks are {list(self._by_block)}.")
         return self._by_block[block]
 
     def _solve_block(self, block: _Block, rhs: Tensor) -> Tensor:
-        ly = self._by_block[block.name]
-        q_g, q_a = self.eigenvectors_G[block.name], self.eigenvectors_A[block.name]
-        V = to_matrix(ly, rhs.to(self.factor_dtype))
-        V = q_g @ ((q_g.T @ V @ q_a) / self._denominator(block.name)) @ q_a.T
-        return to_flat(ly, V).to(rhs.dtype)
+        b = self._by_block[block.name]
+        V = self._rotate(block.name, to_matrix(b, rhs.to(self.factor_dtype)))
+        V = self._rotate(block.name, V / self._denominator(block.name), back=True)
+        return to_flat(b, V).to(rhs.dtype)
 
     # ------------------------------------------------------------------ gradients
     def _chunk(self) -> int:
@@ -332,46 +358,47 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
         ``memory.GRADIENT_BYTES`` (or ``gradient_chunk_size``)."""
         return self.gradient_chunk_size or default_chunk_size(self.n_parameters, self.factor_dtype.itemsize)
 
-    def _layer_gradients(self, x: Tensor, y: Tensor, rotate: bool, dtype: torch.dtype | None = None):
-        """Yields (start, {block: (n_chunk, d_out, d_in)}) per chunk: per-sample loss gradients
-        as matrices, rotated into the eigenbasis if ``rotate``."""
+    def _layer_gradients(self, x: Any, y: Tensor, rotate: bool, dtype: torch.dtype | None = None):
+        """Yields (start, {block: (n_chunk, rows, cols)}) per chunk: per-sample loss gradients
+        as block matrices, rotated into the eigenbasis if ``rotate``."""
         chunk = self._chunk()
         dtype = dtype or self.factor_dtype
+        capture = self._capture
         for s in range(0, batch_size_of(x), chunk):
-            xs, ys = take_rows(x, slice(s, s + chunk)), y[s : s + chunk]
-            patches, deltas = self._capture.capture(xs, ys, FisherType.EMPIRICAL, where=type(self).__name__)
+            batch = capture.forward(take_rows(x, slice(s, s + chunk)))
+            empirical = capture.deltas(batch, y[s : s + chunk], FisherType.EMPIRICAL, None, "EkfacInfluence")
+            _, deltas = next(empirical)
             out = {}
-            for ly in self.layers:
-                d, a = deltas[ly.block][0], patches[ly.block]
-                if rotate:
-                    q_g, q_a = self.eigenvectors_G[ly.block], self.eigenvectors_A[ly.block]
-                    out[ly.block] = rotated(q_g, q_a, d, a, dtype)
+            for b in self.blocks:
+                if b.model == "diagonal":
+                    out[b.name] = capture.diagonal_gradients(b, batch, deltas).to(dtype).unsqueeze(1)
                 else:
-                    out[ly.block] = torch.einsum("ntk,ntl->nkl", d.to(dtype), a.to(dtype))
+                    terms = capture.terms(b, capture.activations(b, batch), deltas, batch.n)
+                    out[b.name] = rotated(*(self._bases(b.name) if rotate else (None, None)), terms, dtype)
             yield s, out
 
     def _collect(
-        self, x: Tensor, y: Tensor, rotate: bool, dtype: torch.dtype | None = None
+        self, x: Any, y: Tensor, rotate: bool, dtype: torch.dtype | None = None
     ) -> dict[str, Tensor]:
         dtype = dtype or self.factor_dtype
-        parts: dict[str, list[Tensor]] = {ly.block: [] for ly in self.layers}
+        parts: dict[str, list[Tensor]] = {b.name: [] for b in self.blocks}
         for _, grads in self._layer_gradients(x, y, rotate, dtype):
             for b, g in grads.items():
                 parts[b].append(g)
         return {
-            ly.block: torch.cat(parts[ly.block])
-            if parts[ly.block]
-            else y.new_zeros((0, ly.d_out, ly.d_in), dtype=dtype)
-            for ly in self.layers
+            b.name: torch.cat(parts[b.name])
+            if parts[b.name]
+            else torch.zeros((0, b.rows, b.cols), dtype=dtype, device=self.device)
+            for b in self.blocks
         }
 
-    def _gradients(self, x: Tensor, y: Tensor) -> Tensor:
+    def _gradients(self, x: Any, y: Tensor) -> Tensor:
         """Per-sample gradients (n, p) in the flat layout, from one batched forward/backward
-        (δ ãᵀ per layer) instead of a vmap over samples."""
+        (Σ_t r_t c_tᵀ per Kronecker block) instead of a vmap over samples."""
         grads = self._collect(x, y, rotate=False, dtype=self.dtype)
-        return torch.cat([to_flat(ly, grads[ly.block]) for ly in self.layers], dim=1)
+        return torch.cat([to_flat(b, grads[b.name]) for b in self.blocks], dim=1)
 
-    def _train_gradients(self, x: Tensor, y: Tensor) -> Tensor:
+    def _train_gradients(self, x: Any, y: Tensor) -> Tensor:
         """The training side of ``_from_gradients``: this method's own dense gradients."""
         return self._gradients(x, y)
 
@@ -387,8 +414,7 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
         training side is streamed in chunks, so only n_test × p values are held at once."""
         test = self._collect(x_test, y_test, rotate=True, dtype=self.dtype)
         scaled = {}
-        for ly in self.layers:
-            b = ly.block
+        for b in self._by_block:
             d = self._denominator(b, None if lams is None else lams[b])
             scaled[b] = (test[b] / d.to(self.dtype)).flatten(1)
         if train is None:
@@ -483,55 +509,6 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
         new = self._copy_with_regularization(hessian_regularization)
         new._denominators = {}
         return new
-
-    # ------------------------------------------------------------------ save / load
-    def _factor_names(self) -> tuple[str, ...]:
-        diagonal = ("diagonal",) if self.update_diagonal else ()
-        return ("eigenvectors_A", "eigenvalues_A", "eigenvectors_G", "eigenvalues_G") + diagonal
-
-    def _factor_settings(self) -> dict[str, Any]:
-        return {
-            "loss": self.loss_type.value,
-            "fisher": self.fisher.value,
-            "update_diagonal": self.update_diagonal,
-        }
-
-    def save_factors(self, path: str | Path) -> None:
-        """Write the fitted eigenbases, eigenvalues and (EK-FAC) diagonal to a safetensors file.
-
-        The file also records the layers, their shapes and the settings that determine the
-        factors (loss, fisher, update_diagonal, seed); ``load_factors`` checks them.
-        """
-        self._require_fitted("save_factors")
-        shape = list(self._feature_shape) if self._feature_shape is not None else None
-        record = {
-            **self._factor_settings(),
-            "seed": self.seed,
-            "n_train": self.n_train,
-            "feature_shape": shape,
-        }
-        write_factors(path, self.layers, {name: getattr(self, name) for name in self._factor_names()}, record)
-
-    def load_factors(self, path: str | Path) -> EkfacInfluence:
-        """Load factors written by ``save_factors`` (for the same architecture and settings)
-        and mark the model fitted. Returns self.
-
-        Raises:
-            ValueError: the file is not an infscale EK-FAC file, or its layers, shapes, loss,
-                fisher or update_diagonal differ from this model's.
-        """
-        names = self._factor_names()
-        factors, meta = read_factors(
-            path, self.layers, names, self._factor_settings(), self.device, self.factor_dtype
-        )
-        for name in names:
-            getattr(self, name).update(factors[name])
-        self.n_train = meta.get("n_train")
-        shape = meta.get("feature_shape")
-        self._feature_shape = tuple(shape) if shape is not None else None
-        self._denominators = {}
-        self._fitted = True
-        return self
 
     def __copy__(self):
         new = object.__new__(type(self))

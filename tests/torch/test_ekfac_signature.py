@@ -123,8 +123,11 @@ def test_a_loss_in_both_places_or_a_value_that_is_neither_raises_type_error():
         EkfacInfluence(model, None)
     with pytest.raises(TypeError, match=r"update_diagonal.*got 2"):
         EkfacInfluence(model, 2)
-    # a callable that is not one of the supported losses names the loss argument
-    with pytest.raises(ValueError, match=r"loss=.* is not supported"):
-        EkfacInfluence(model, lambda outputs, targets: (outputs - targets).abs().mean())
+    # a callable of unknown curvature in the loss's place is the loss: the sampled Fisher then
+    # asks for its family, the empirical Fisher needs nothing more
+    absolute = lambda outputs, targets: (outputs - targets).abs().mean()  # noqa: E731
+    with pytest.raises(ValueError, match=r"needs the loss family of loss="):
+        EkfacInfluence(model, absolute)
+    assert EkfacInfluence(model, absolute, fisher="empirical").update_diagonal is True
     # the same loss in both places is no conflict
     assert EkfacInfluence(model, "mse", loss=EkfacLoss.MSE).loss_type is EkfacLoss.MSE
