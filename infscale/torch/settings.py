@@ -12,7 +12,9 @@ docs/migrating-from-pydvl.md.
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -184,3 +186,16 @@ class Configurable:
         """The settings that determine the numbers, as a JSON-ready dict (recorded with stored
         results)."""
         return {name: encode_setting(getattr(self, name)) for name in self.settings}
+
+    def fingerprint(self) -> str:
+        """A short hash of the model's parameters and buffers (names, dtypes, shapes and values)
+        and of ``hyperparameters()``: stores record it, and a resume that finds another one (a
+        retrained model, other settings) is refused. Costs one read of the parameters."""
+        digest = hashlib.blake2b(digest_size=12)
+        digest.update(json.dumps(self.hyperparameters(), sort_keys=True, default=str).encode())
+        model = self.model  # type: ignore[attr-defined]
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            t = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return digest.hexdigest()

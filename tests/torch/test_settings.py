@@ -3,6 +3,7 @@ result can be compared with a later computation."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -121,3 +122,40 @@ def test_encode_setting():
     }
     with pytest.raises(TypeError, match="recordable.*object"):
         encode_setting(object())
+
+
+def test_fingerprint_follows_parameters_buffers_and_settings(tmp_path):
+    """A retrained model (one parameter nudged) or a changed buffer or setting gives another
+    fingerprint; a resume of a store written with the first is refused, naming the model."""
+    import numpy as np
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from infscale import SequentialInfluenceCalculator
+    from infscale.errors import StoreMismatchError
+    from infscale.torch import DirectInfluence
+    from infscale.torch.util import TorchNumpyConverter
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    model = model.double().eval()
+    x, y = torch.randn(12, 3, dtype=torch.float64), torch.randint(0, 2, (12,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    loss = torch.nn.functional.cross_entropy
+    first = DirectInfluence(model, loss, 0.5).fit(loader)
+    assert first.fingerprint() == DirectInfluence(model, loss, 0.5).fingerprint()
+    assert first.fingerprint() != DirectInfluence(model, loss, 0.6).fingerprint()
+    path = tmp_path / "s.zarr"
+    lazy = SequentialInfluenceCalculator(first).influences(loader, loader)
+    lazy.to_zarr(str(path), TorchNumpyConverter(), progress=False)
+    before = sorted(p.name for p in path.rglob("*"))
+    retrained = copy.deepcopy(model)
+    with torch.no_grad():
+        retrained[0].weight[0, 0] += 1e-6
+    with pytest.raises(StoreMismatchError, match="model's parameters or buffers changed"):
+        calc = SequentialInfluenceCalculator(DirectInfluence(retrained, loss, 0.5).fit(loader))
+        calc.influences(loader, loader).to_zarr(str(path), TorchNumpyConverter(), resume=True, progress=False)
+    assert sorted(p.name for p in path.rglob("*")) == before
+    other_buffer = copy.deepcopy(model)
+    other_buffer[1].running_mean += 1.0
+    assert DirectInfluence(other_buffer, loss, 0.5).fingerprint() != first.fingerprint()
+    assert np.isfinite(first.influences(x, y).numpy()).all()
