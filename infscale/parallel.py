@@ -34,6 +34,7 @@ from dask.delayed import Delayed
 from dask.highlevelgraph import HighLevelGraph
 
 from .base import InfluenceFunctionModel, InfluenceMode, numpy_dtype
+from .dask_threads import DisableClientSingleThreadCheck, _check_threads_now, check_thread_safety
 from .dask_writer import BLOCK_AXES, dask_to_zarr
 from .errors import (
     InvalidDimensionChunksError,
@@ -53,24 +54,6 @@ __all__ = [
 ]
 
 
-class DisableClientSingleThreadCheck:
-    """Pass this class itself (not an instance) as ``client`` to skip the thread-safety
-    check, e.g. to compute with ``scheduler="synchronous"`` while debugging.
-
-    With the check off, computing a non-thread-safe model on a multi-threaded
-    scheduler (dask's default threaded scheduler included) can give wrong numbers.
-    """
-
-    @staticmethod
-    def warning_msg() -> str:
-        return (
-            "DaskInfluenceCalculator: the thread-safety check is off "
-            "(client=DisableClientSingleThreadCheck). "
-            "If the model is not thread-safe, compute only with one thread per worker, e.g. "
-            '.compute(scheduler="synchronous") or a Client(threads_per_worker=1).'
-        )
-
-
 def _block_key(array: da.Array, row_block: int) -> tuple:
     return (array.name, row_block) + (0,) * (array.ndim - 1)
 
@@ -83,29 +66,37 @@ class _Unpickled:
     model in the middle of a forward pass carries that pass's hooks and reparametrized
     tensors, and a copy taken then fails on the receiving worker (measured: KeyError on a
     forward-hook record).
+
+    With ``check_threads``, every task that unpacks it first checks that the scheduler running
+    it uses one thread, if the model (the first item) is not thread-safe: the check made when the
+    calculator was built no longer holds when the graph is computed elsewhere (after its client
+    closed, Dask falls back to its threaded scheduler).
     """
 
-    __slots__ = ("blob", "value")
+    __slots__ = ("blob", "value", "check_threads")
 
-    def __init__(self, blob: bytes):
+    def __init__(self, blob: bytes, check_threads: bool = False):
         self.blob = blob
         self.value = pickle.loads(blob)
+        self.check_threads = check_threads
 
     def __reduce__(self):
-        return (_Unpickled, (self.blob,))
+        return (_Unpickled, (self.blob, self.check_threads))
 
     def __iter__(self):
+        if self.check_threads:
+            _check_threads_now(self.value[0])
         return iter(self.value)
 
     def __sizeof__(self) -> int:  # what dask counts for memory: about twice the pickled size
         return 2 * len(self.blob)
 
 
-def _unpickle(blob: bytes) -> _Unpickled:
-    return _Unpickled(blob)
+def _unpickle(blob: bytes, check_threads: bool = False) -> _Unpickled:
+    return _Unpickled(blob, check_threads)
 
 
-def _graph_object(obj: Any, name: str) -> Delayed:
+def _graph_object(obj: Any, name: str, check_threads: bool = False) -> Delayed:
     """``obj`` as one key of a task graph, for every task that needs it to depend on.
 
     The object is pickled once, now (a snapshot), into a bytes key; a second key
@@ -117,7 +108,7 @@ def _graph_object(obj: Any, name: str) -> Delayed:
     """
     token = uuid.uuid4().hex
     blob = dask.delayed(cloudpickle.dumps(obj), name=f"{name}-pickle-{token}", pure=True, traverse=False)
-    return dask.delayed(_unpickle, pure=True)(blob, dask_key_name=f"{name}-{token}")
+    return dask.delayed(_unpickle, pure=True)(blob, check_threads, dask_key_name=f"{name}-{token}")
 
 
 # --------------------------------------------------------------- task functions
@@ -173,22 +164,6 @@ def _self_influences_task(state, mode, dtype, x, y):
     model, converter = state
     values = model.self_influences(converter.from_numpy(x), converter.from_numpy(y), mode)
     return np.asarray(converter.to_numpy(values), dtype=dtype)
-
-
-def check_thread_safety(model: Any, client: Any) -> None:
-    """Check that ``model`` may run on the workers of ``client`` (a ``distributed.Client``):
-    a model that is not thread-safe (``is_thread_safe`` False) needs one thread per worker.
-    Works on an unfitted model, so a program can check before fitting.
-
-    Raises:
-        ThreadSafetyViolationError: the model is not thread-safe and some worker runs more than
-            one thread (the message lists them).
-    """
-    if getattr(model, "is_thread_safe", False):
-        return
-    multi = {address: int(n) for address, n in client.nthreads().items() if int(n) > 1}
-    if multi:
-        raise ThreadSafetyViolationError(type(model).__name__, multi)
 
 
 # --------------------------------------------------------------- the calculator
@@ -262,7 +237,11 @@ class DaskInfluenceCalculator:
             check_thread_safety(model, client)
         self.dtype = numpy_dtype(getattr(model, "dtype", np.float64))
         # (model, converter), pickled now into one key that every task depends on
-        self._state = _graph_object((model, converter), f"influence-model-{type(model).__name__}")
+        self._state = _graph_object(
+            (model, converter),
+            f"influence-model-{type(model).__name__}",
+            check_threads=client is not DisableClientSingleThreadCheck,  # again when computed
+        )
 
     # ------------------------------------------------------------ validation
     def _check_client_open(self) -> None:
