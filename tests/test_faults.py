@@ -14,7 +14,9 @@ pipeline's ``fit`` and sends itself the signal right after the event named in ``
 that marked a block complete before writing its data fails here at every kill point.
 
 ``make test`` runs a representative subset; ``test_random_fault_sequences`` (slow) draws kill
-points, signals, schedulers and stores at random (seeded), with up to two kills per run.
+points, signals, schedulers and stores at random (seeded), with up to two kills per run. On two
+worker processes the comparison is to 1e-12, not bit for bit: there, two uninterrupted runs already
+differ in the last bit, depending on which worker computes which block.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from infscale.cli import main
 
 N_TRAIN, N_TEST, BATCH, K = 40, 20, 8, 3  # 3 × 5 influence blocks, 5 self-influence blocks
 N_BLOCKS = 15
+TOP_ARRAYS = ("top_helpful_indices", "top_helpful_values", "top_harmful_indices", "top_harmful_values")
 
 FACTORIES = textwrap.dedent(
     """
@@ -246,6 +249,32 @@ def _files(url: str) -> dict[str, bytes]:
     return {path[len(root) :]: fs.cat_file(path) for path in sorted(fs.find(root))}
 
 
+def _assert_same_files(url: str, reference: Path, exact: bool = True) -> None:
+    """The store at ``url`` holds the same files as the reference, each with the same bytes.
+
+    Not ``exact``: the same files, the same metadata (``zarr.json``), and values equal to 1e-12:
+    on several worker processes, two uninterrupted runs already differ in the last bit (measured:
+    1e-16 relative), depending on which worker computes which block; the checksums differ with them.
+    """
+    got, expected = _files(url), _files(str(reference))
+    assert (sorted(got.keys() - expected.keys()), sorted(expected.keys() - got.keys())) == ([], [])
+    if exact:
+        assert sorted(k for k in got if got[k] != expected[k]) == []
+        return
+    def metadata(raw: bytes) -> dict:
+        value = json.loads(raw)
+        value.get("attributes", {}).pop("checksum", None)  # a top-k array's: of its values
+        return value
+
+    assert all(metadata(got[k]) == metadata(expected[k]) for k in got if k.endswith("zarr.json"))
+    for name in ("influences", "self_influences", *TOP_ARRAYS):
+        np.testing.assert_allclose(
+            zarr.open_array(f"{url}/{name}", mode="r")[:],
+            zarr.open_array(str(reference / name), mode="r")[:],
+            rtol=1e-12,
+        )
+
+
 def _info(capsys, url: str, *flags: str) -> tuple[int, str]:
     capsys.readouterr()
     code = main(["info", url, *flags])
@@ -283,7 +312,7 @@ def _fault_case(scripts, capsys, tmp_path, out: str, scheduler: str, fault: str,
     _check_at_kill(capsys, out, event, int(count), sig)
     resume = () if event == "fit" else ("--resume",)  # a failed run's leftover needs no flag
     assert main(_argv(out, scheduler, 0.01, *resume)) == 0
-    assert _files(out) == _files(str(reference))
+    _assert_same_files(out, reference)
     assert _info(capsys, out, "--verify")[0] == 0
 
 
@@ -354,7 +383,7 @@ def test_overwrite_killed_keeps_the_old_store_until_the_first_new_block(
     else:
         _check_at_kill(capsys, str(out), "influences", 2, "SIGKILL")
         assert main(_argv(out, "sync", 0.01, "--resume")) == 0
-    assert _files(str(out)) == _files(str(references("sync")))
+    _assert_same_files(str(out), references("sync"))
 
 
 # ------------------------------------------------------------------ the randomized version
@@ -364,8 +393,9 @@ def cluster_of_processes(scripts):
     from distributed import LocalCluster
 
     with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
-    ) as cluster:
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+        dashboard_address="127.0.0.1:0", worker_dashboard_address="127.0.0.1:0",
+    ) as cluster:  # fmt: skip
         yield cluster.scheduler_address
 
 
@@ -399,4 +429,4 @@ def test_random_fault_sequences(
         if round_ == 0:
             _check_at_kill(capsys, out, event, count, sig)
     assert main(_argv(out, scheduler, 0.01, "--resume")) == 0
-    assert _files(out) == _files(str(references(scheduler)))
+    _assert_same_files(out, references(scheduler), exact=scheduler != cluster_of_processes)
