@@ -6,7 +6,8 @@
   on a user's data (``--data pkg.mod:factory``) into a zarr store, sequentially or on Dask.
 - ``infscale top STORE --test I`` prints the most helpful and harmful training points of one
   test point, reading only that row of blocks.
-- ``infscale info STORE`` prints the shape, chunks, completeness and attributes of a store.
+- ``infscale info STORE [--verify]`` prints the shape, chunks, completeness and attributes of a
+  store; ``--verify`` reads every finished block back and checks its checksum.
 
 This module only parses arguments (flags over a TOML file) and calls the application layer,
 ``infscale.app`` (registry, factories, results, cluster, pipeline); see ``docs/cli.md``.
@@ -20,7 +21,6 @@ existing store, an unreachable scheduler, a λ too small for the curvature, a di
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import traceback
 from collections.abc import Sequence
@@ -29,6 +29,7 @@ from typing import Any
 from .app.cluster import dask_client, parse_scheduler
 from .app.factories import load_data, load_factory, load_model
 from .app.pipeline import ComputeSettings, RunConfig, compute_into_group, fit, run_pipeline
+from .app.reading import info_lines, printable, top_lines
 from .app.registry import (
     METHODS,
     available_methods,
@@ -43,7 +44,6 @@ from .app.results import (
     SELF_INFLUENCES,
     TOP_ARRAYS,
     completeness,
-    missing_row_blocks,
     open_results,
     prepare_group,
     write_top_k,
@@ -154,78 +154,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_top(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    _, array = open_results(args.store)
-    if array.ndim != 2:
-        raise UsageError(
-            f"{args.store!r} holds perturbation-mode influences (shape {array.shape}); top needs mode up."
-        )
-    n_test, n_train = array.shape
-    i = args.test
-    if not 0 <= i < n_test:
-        raise UsageError(
-            f"--test: index {i} is out of range; the store has {n_test} test points (0..{n_test - 1})."
-        )
-    if args.k < 1:
-        raise UsageError(f"-k: expected an integer ≥ 1; got {args.k}.")
-    missing = missing_row_blocks(array, i, completeness(array)[2])
-    if missing:
-        n_cols = -(-n_train // array.chunks[1])
-        raise UsageError(
-            f"row {i} is not complete in {args.store!r}: {len(missing)} of {n_cols} blocks missing; "
-            "finish the run with infscale run ... --resume."
-        )
-    row = np.asarray(array[i, :], dtype=np.float64)  # reads only the chunks of this row
-    k = min(args.k, n_train)
-    order = np.argsort(-row, kind="stable")
-    helpful, harmful = order[:k], order[::-1][:k]
-    attrs = dict(array.attrs)
-    print(
-        f"test point {i} of {n_test} in {args.store} ({attrs.get('method', 'unknown method')}, "
-        f"mode {attrs.get('mode', 'up')}, {n_train} training points)"
-    )
-    print("sign: positive = up-weighting the training point lowers this test loss (it helps);")
-    print(f"      removing training point j changes this test loss by about +influence/{n_train}.")
-    for title, idx in (("most helpful", helpful), ("most harmful", harmful)):
-        print(f"{title}:")
-        print(f"  {'rank':>4}  {'train index':>11}  {'influence':>12}")
-        for rank, j in enumerate(idx, 1):
-            print(f"  {rank:>4}  {int(j):>11}  {row[j]:>+12.5g}")
+    for line in top_lines(args.store, args.test, args.k):
+        print(line)
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    group, array = open_results(args.store)
-    print(f"store: {args.store}")
-    arrays = [(INFLUENCES if group is not None else "(root array)", array)]
-    if group is not None:
-        for name in (SELF_INFLUENCES, *TOP_ARRAYS):
-            if name in group:
-                arrays.append((name, group[name]))
-    for name, arr in arrays:
-        line = f"{name}: shape {tuple(arr.shape)}, chunks {tuple(arr.chunks)}, dtype {arr.dtype}"
-        if name in (INFLUENCES, SELF_INFLUENCES, "(root array)"):
-            done, total, keys = completeness(arr)
-            state = "complete" if done >= total else "INCOMPLETE (finish with --resume)"
-            line += f"; {done} of {total} blocks done ({100.0 * done / max(total, 1):.0f}%), {state}"
+    lines, damaged = info_lines(args.store, verify=args.verify)
+    for line in lines:
         print(line)
-    print("attributes:")
-    for key, value in dict(array.attrs).items():
-        print(f"  {key}: {_short(value)}")
-    if group is not None and group.attrs:
-        print("run configuration:")
-        for key, value in dict(group.attrs).items():
-            print(f"  {key}: {_short(value)}")
+    if damaged:
+        raise UsageError(
+            f"--verify: {damaged} damaged block(s) in {args.store!r} (listed above); rerun the same "
+            "infscale run with --resume to recompute them."
+        )
     return 0
-
-
-def _short(value: Any, limit: int = 12) -> str:
-    """JSON of an attribute, with long lists cut to their first items and their length."""
-    if isinstance(value, list) and len(value) > limit:
-        head = json.dumps(value[:limit], default=str)[:-1]
-        return f"{head}, ... ({len(value)} values)]"
-    return json.dumps(value, default=str, ensure_ascii=False)
 
 
 def _log(message: str) -> None:
@@ -307,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="shape, chunks, completeness and attributes of a store")
     info.add_argument("store", metavar="STORE", help="zarr store (path or URL)")
+    info.add_argument(
+        "--verify",
+        action="store_true",
+        help="read every finished block back and check its checksum (exit code 2 if any is damaged)",
+    )
     info.set_defaults(func=cmd_info)
     return parser
 
@@ -336,7 +284,7 @@ def report_error(command: str, error: BaseException, debug: bool = False) -> int
 
 
 def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
+    return printable(" ".join(str(error).split()))  # messages may quote a store's keys or attributes
 
 
 def main(argv: Sequence[str] | None = None) -> int:

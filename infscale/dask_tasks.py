@@ -17,6 +17,8 @@ import dask.array as da
 import numpy as np
 from dask.delayed import Delayed
 
+from .dask_threads import _check_threads_now
+
 __all__: list[str] = []
 
 
@@ -48,29 +50,37 @@ class _Unpickled:
     model in the middle of a forward pass carries that pass's hooks and reparametrized
     tensors, and a copy taken then fails on the receiving worker (measured: KeyError on a
     forward-hook record).
+
+    With ``check_threads``, every task that unpacks it first checks that the scheduler running
+    it uses one thread, if the model (the first item) is not thread-safe: the check made when the
+    calculator was built no longer holds when the graph is computed elsewhere (after its client
+    closed, Dask falls back to its threaded scheduler).
     """
 
-    __slots__ = ("blob", "value")
+    __slots__ = ("blob", "value", "check_threads")
 
-    def __init__(self, blob: bytes):
+    def __init__(self, blob: bytes, check_threads: bool = False):
         self.blob = blob
         self.value = pickle.loads(blob)
+        self.check_threads = check_threads
 
     def __reduce__(self):
-        return (_Unpickled, (self.blob,))
+        return (_Unpickled, (self.blob, self.check_threads))
 
     def __iter__(self):
+        if self.check_threads:
+            _check_threads_now(self.value[0])
         return iter(self.value)
 
     def __sizeof__(self) -> int:  # what dask counts for memory: about twice the pickled size
         return 2 * len(self.blob)
 
 
-def _unpickle(blob: bytes) -> _Unpickled:
-    return _Unpickled(blob)
+def _unpickle(blob: bytes, check_threads: bool = False) -> _Unpickled:
+    return _Unpickled(blob, check_threads)
 
 
-def _graph_object(obj: Any, name: str) -> Delayed:
+def _graph_object(obj: Any, name: str, check_threads: bool = False) -> Delayed:
     """``obj`` as one key of a task graph, for every task that needs it to depend on.
 
     The object is pickled once, now (a snapshot), into a bytes key; a second key
@@ -82,7 +92,7 @@ def _graph_object(obj: Any, name: str) -> Delayed:
     """
     token = uuid.uuid4().hex
     blob = dask.delayed(cloudpickle.dumps(obj), name=f"{name}-pickle-{token}", pure=True, traverse=False)
-    return dask.delayed(_unpickle, pure=True)(blob, dask_key_name=f"{name}-{token}")
+    return dask.delayed(_unpickle, pure=True)(blob, check_threads, dask_key_name=f"{name}-{token}")
 
 
 # --------------------------------------------------------------- task functions

@@ -9,6 +9,7 @@ Framework-free (no torch); zarr only through ``infscale.sequences`` / ``infscale
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -86,6 +87,7 @@ def dask_to_zarr(
     block_axes: int | None = None,
     storage_options: dict | None = None,
     return_stored: bool = False,
+    before_first_write: Callable[[], None] | None = None,
 ):
     """Write a dask array into a zarr v3 array **resumably**: each block is computed on the
     cluster, gathered and written by this process through the writer of the sequential
@@ -108,6 +110,9 @@ def dask_to_zarr(
             from ``attributes["quantity"]``, else 1 for a 1-D array and 2 otherwise.
         storage_options: fsspec options for URLs.
         return_stored: return the zarr array (else None).
+        before_first_write: called once, when the first computed block is ready and checked,
+            before the array is created or replaced (``infscale run --overwrite`` replaces its old
+            results there, so that a run that fails before its first block leaves them intact).
 
     Raises:
         TypeError: ``array`` is not a dask array. ValueError: unknown or irregular chunks, a
@@ -136,6 +141,7 @@ def dask_to_zarr(
         )
     client = _client(client)
     source = _DaskSource(array, client, block_axes, attributes)
+    source.before_first_write = before_first_write  # read by the writer
     sequence = NestedLazyChunkSequence(source) if block_axes == 2 else LazyChunkSequence(source)
     return sequence.to_zarr(
         path_or_url,

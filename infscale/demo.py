@@ -259,7 +259,7 @@ def _run_demo(out, method, params, workers, size, progress, seed, log) -> DemoRe
 
     os.makedirs(out, exist_ok=True)
     store = os.path.join(out, "influences.zarr")
-    prepare_group(
+    target = prepare_group(  # an old demo store is replaced when the first new block is ready
         store,
         overwrite=True,
         resume=False,
@@ -283,7 +283,7 @@ def _run_demo(out, method, params, workers, size, progress, seed, log) -> DemoRe
         progress=progress,
     )  # fmt: skip
     with dask_client("local", workers) if workers else contextlib.nullcontext() as client:
-        compute_into_group(infl_model, train_ds, test_ds, store, settings, client=client, log=log)
+        compute_into_group(infl_model, train_ds, test_ds, target, settings, client=client, log=log)
     group, stored = open_results(store)
     influences = np.asarray(stored[:], dtype=np.float64)
     self_infl = np.asarray(group[SELF_INFLUENCES][:], dtype=np.float64)

@@ -82,14 +82,19 @@ class LissaDivergenceError(UserFixableError, RuntimeError):
 class ThreadSafetyViolationError(UserFixableError, RuntimeError):
     """A model that is not thread-safe was paired with a client whose workers run several threads."""
 
-    def __init__(self, model_name: str, workers: dict[str, int]):
+    def __init__(self, model_name: str, workers: dict[str, int], what_happened: str | None = None):
         listed = ", ".join(f"{address} ({n} threads)" for address, n in sorted(workers.items()))
+        happened = what_happened or f"these Dask workers run more than one thread: {listed}"
         super().__init__(
-            f"{model_name} is not thread-safe (is_thread_safe is False), but these Dask workers run "
-            f"more than one thread: {listed}. Start the cluster with one thread per worker, e.g. "
-            "Client(threads_per_worker=1) or `dask worker --nthreads 1`, or pass "
-            "client=DisableClientSingleThreadCheck to skip this check (e.g. with the synchronous scheduler)."
+            f"{model_name} is not thread-safe (is_thread_safe is False), but {happened}. Start the cluster "
+            "with one thread per worker, e.g. Client(threads_per_worker=1) or `dask worker --nthreads 1`, "
+            "or pass client=DisableClientSingleThreadCheck to skip this check (e.g. with the synchronous "
+            "scheduler)."
         )
+        self._state = (model_name, dict(workers), what_happened)
+
+    def __reduce__(self):  # raised on a Dask worker, it travels back to the client pickled
+        return (type(self), self._state)
 
 
 class InvalidDimensionChunksError(UserFixableError, ValueError):

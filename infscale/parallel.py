@@ -41,6 +41,7 @@ from .dask_tasks import (
     _rows_key,
     _self_influences_task,
 )
+from .dask_threads import DisableClientSingleThreadCheck, check_thread_safety
 from .dask_writer import BLOCK_AXES, dask_to_zarr
 from .errors import (
     BatchFormatError,
@@ -61,38 +62,6 @@ __all__ = [
 ]
 
 
-class DisableClientSingleThreadCheck:
-    """Pass this class itself (not an instance) as ``client`` to skip the thread-safety
-    check, e.g. to compute with ``scheduler="synchronous"`` while debugging.
-
-    With the check off, computing a non-thread-safe model on a multi-threaded
-    scheduler (dask's default threaded scheduler included) can give wrong numbers.
-    """
-
-    @staticmethod
-    def warning_msg() -> str:
-        return (
-            "DaskInfluenceCalculator: the thread-safety check is off "
-            "(client=DisableClientSingleThreadCheck). "
-            "If the model is not thread-safe, compute only with one thread per worker, e.g. "
-            '.compute(scheduler="synchronous") or a Client(threads_per_worker=1).'
-        )
-
-
-def check_thread_safety(model: Any, client: Any) -> None:
-    """Check that ``model`` may run on the workers of ``client`` (a ``distributed.Client``):
-    a model that is not thread-safe (``is_thread_safe`` False) needs one thread per worker.
-    Works on an unfitted model, so a program can check before fitting.
-
-    Raises:
-        ThreadSafetyViolationError: the model is not thread-safe and some worker runs more than
-            one thread (the message lists them).
-    """
-    if getattr(model, "is_thread_safe", False):
-        return
-    multi = {address: int(n) for address, n in client.nthreads().items() if int(n) > 1}
-    if multi:
-        raise ThreadSafetyViolationError(type(model).__name__, multi)
 
 
 # --------------------------------------------------------------- the calculator
@@ -167,7 +136,11 @@ class DaskInfluenceCalculator:
             )
         self.dtype = numpy_dtype(getattr(model, "dtype", np.float64))
         # (model, converter), pickled now into one key that every task depends on
-        self._state = _graph_object((model, converter), f"influence-model-{type(model).__name__}")
+        self._state = _graph_object(
+            (model, converter),
+            f"influence-model-{type(model).__name__}",
+            check_threads=client is not DisableClientSingleThreadCheck,  # again when computed
+        )
 
     # ------------------------------------------------------------ validation
     def _check_client_open(self) -> None:

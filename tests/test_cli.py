@@ -1,4 +1,5 @@
-"""The ``infscale`` command: run (sync, local:2, TOML), top, info, resume after a kill, errors.
+"""The ``infscale`` command: run (sync, local:1, TOML), top, info (--verify), resume, and what it
+prints from a store (escaped). Errors and exit codes: test_cli_errors.py; kills: test_faults.py.
 
 The model is a linear regression with mean squared error, in float64, so the
 influences have a closed form: with per-sample gradient g_i = 2 (w·x_i + b − y_i) [x_i, 1]
@@ -7,32 +8,24 @@ and H = (2/n) Σ [x_i, 1][x_i, 1]ᵀ, influence(test t, train i) = g_tᵀ (H + �
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
+import shutil
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
 import zarr
 
-from infscale import errors
-from infscale.cli import main, parse_param, report_error
+from infscale.cli import main, parse_param
 
 LAMBDA = 1e-3
 N_TRAIN, N_TEST, BATCH = 40, 20, 8
 
 FIXTURE = textwrap.dedent(
     """
-    import os
-    import time
-
     import torch
     from torch import nn
-    from torch.utils.data import Dataset, TensorDataset
+    from torch.utils.data import TensorDataset
 
     N_TRAIN, N_TEST = 40, 20
 
@@ -62,27 +55,6 @@ FIXTURE = textwrap.dedent(
     def data():
         x, y = tensors()
         return TensorDataset(x[:N_TRAIN], y[:N_TRAIN]), TensorDataset(x[N_TRAIN:], y[N_TRAIN:])
-
-
-    class SlowDataset(Dataset):
-        def __init__(self, x, y, delay):
-            self.x, self.y, self.delay = x, y, delay
-
-        def __len__(self):
-            return len(self.x)
-
-        def __getitem__(self, i):
-            time.sleep(self.delay)
-            return self.x[i], self.y[i]
-
-
-    def slow_data():
-        x, y = tensors()
-        delay = float(os.environ.get("FIXTURE_DELAY", "0"))
-        return (
-            TensorDataset(x[:N_TRAIN], y[:N_TRAIN]),
-            SlowDataset(x[N_TRAIN:], y[N_TRAIN:], delay),
-        )
 
 
     def not_a_tuple():
@@ -221,8 +193,8 @@ def test_self_influences_match_closed_form(fixture_dir, tmp_path):
 
 
 def test_run_from_toml_on_local_cluster_resuming_a_sync_run(fixture_dir, truth, tmp_path, capsys):
-    """local:2 (two worker processes on 127.0.0.1), configured from a TOML file (a flag overrides
-    it), finishing a store that a sync run left incomplete: the schedulers share the block markers."""
+    """local:1 (a worker process on 127.0.0.1), configured from a TOML file (a flag overrides it),
+    finishing a store that a sync run left incomplete: the schedulers share the block markers."""
     out = tmp_path / "dask.zarr"
     assert main(_run_args(out)) == 0
     markers = out / "influences" / "_infscale_complete"
@@ -242,7 +214,7 @@ def test_run_from_toml_on_local_cluster_resuming_a_sync_run(fixture_dir, truth, 
             method = "direct"
             batch_size = {BATCH}
             out = "{out}"
-            scheduler = "local:2"
+            scheduler = "local:1"
             resume = true
             top_k = 2
             progress = false
@@ -258,97 +230,8 @@ def test_run_from_toml_on_local_cluster_resuming_a_sync_run(fixture_dir, truth, 
     group = zarr.open_group(str(out), mode="r")
     np.testing.assert_allclose(group["influences"][:], truth, rtol=1e-8, atol=1e-10)
     assert group["top_helpful_indices"].shape == (N_TEST, 3)
-    assert group.attrs["scheduler"] == "local:2"
+    assert group.attrs["scheduler"] == "local:1"
     assert len(list(markers.iterdir())) == 15
-
-
-def test_resume_after_kill(fixture_dir, truth, tmp_path, capsys):
-    """SIGKILL a run mid-way; --resume computes the missing blocks and the store is complete and right."""
-    out = tmp_path / "killed.zarr"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fixture_dir), os.environ.get("PYTHONPATH", "")]))
-    env["FIXTURE_DELAY"] = "0.06"  # slow test data: rows of blocks arrive ~0.5 s apart
-    args = _run_args(out, data="cli_fixture:slow_data")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "infscale.cli", *args],
-        env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    markers = out / "influences" / "_infscale_complete"
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if markers.is_dir() and any(markers.iterdir()):
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()}"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    done_before = len(list(markers.iterdir()))
-    assert 0 < done_before < 15
-
-    assert main(["info", str(out)]) == 0
-    assert f"{done_before} of 15 blocks done" in capsys.readouterr().out
-    done_keys = {m.name for m in markers.iterdir()}
-    incomplete_row = next(r for r in range(3) if any(f"{r}.{c}" not in done_keys for c in range(5)))
-    line = _error(capsys, ["top", str(out), "--test", str(incomplete_row * BATCH)])
-    assert f"row {incomplete_row * BATCH} is not complete" in line and "--resume" in line
-
-    # without --resume or --overwrite: refused, store untouched
-    line = _error(capsys, _run_args(out, data="cli_fixture:slow_data"))
-    assert "already exists" in line and "--resume" in line
-    assert len(list(markers.iterdir())) == done_before
-
-    assert main(_run_args(out, "--resume", "--top-k", "2", data="cli_fixture:slow_data")) == 0
-    group = zarr.open_group(str(out), mode="r")
-    assert len(list(markers.iterdir())) == 15
-    np.testing.assert_allclose(group["influences"][:], truth, rtol=1e-8, atol=1e-10)
-    assert group["top_helpful_indices"].shape == (N_TEST, 2)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-M, D = "cli_fixture:model", "cli_fixture:data"
-
-
-@pytest.mark.parametrize(
-    "extra, model, data, message",
-    [
-        ((), "no_such_module_xyz:model", D, "--model: cannot import module 'no_such_module_xyz'"),
-        ((), "cli_fixture:nope", D, "--model: module 'cli_fixture' has no attribute 'nope'"),
-        ((), "cli_fixture", D, "--model: expected package.module:function"),
-        ((), "cli_fixture:not_a_tuple", D, "must return a tuple (model, loss); got a str"),
-        ((), "cli_fixture:wrong_model", D, "returned a model of type int, not a torch.nn.Module"),
-        ((), M, "cli_fixture:wrong_data", "expected a torch.utils.data.Dataset"),
-        ((), M, "cli_fixture:broken", "cli_fixture:broken() raised RuntimeError: the factory"),
-        ((), M, "cli_fixture:mismatched_data", "training inputs have shape (3,) but test inputs (2,)"),
-        (("--param", "hessian_regularization=0"), "cli_fixture:concave_model", D, "is not positive definite"),
-        (("--param", "rank"), M, D, "--param: expected key=value"),
-        (("--param", "rnak=3"), M, D, "DirectInfluence has no parameter 'rnak'"),
-        (
-            ("--param", "hessian_regularization=-1"), M, D,
-            "--param: DirectInfluence(hessian_regularization=-1) rejected",
-        ),
-        (("--method", "magic"), M, D, "unknown method 'magic'; available: direct"),
-        (("--scheduler", "local:0"), M, D, "local:N needs a worker count"),
-        (("--top-k", "0"), M, D, "--top-k: expected an integer ≥ 1"),
-    ],
-)  # fmt: skip
-def test_errors_exit_2(fixture_dir, tmp_path, capsys, extra, model, data, message):
-    line = _error(capsys, _run_args(tmp_path / "e.zarr", *extra, model=model, data=data))
-    assert message in line, line
-
-
-def test_unreachable_scheduler(fixture_dir, tmp_path, capsys):
-    address = f"tcp://127.0.0.1:{_free_port()}"
-    line = _error(capsys, _run_args(tmp_path / "u.zarr", "--scheduler", address, "--connect-timeout", "1"))
-    assert f"the Dask scheduler at {address} does not answer" in line
-    assert not (tmp_path / "u.zarr").exists()  # checked before anything is written
 
 
 def test_store_errors_and_debug(fixture_dir, tmp_path, capsys):
@@ -409,142 +292,97 @@ def test_method_lookup_maps_names_to_classes():
         assert resolve_method(cls.__name__.upper()) == (short, cls)
 
 
-# ------------------------------------------------------------------ exit codes by error type
-# Every family of errors a user can fix (infscale.errors.UserFixableError) exits with 2, by its
-# type: one test per family through the command where the command can reach it.
+# ------------------------------------------------------------------ verify, repair, print safely
+TEMPORARY = "0123456789abcdef0123456789abcdef.partial"  # how zarr names a write cut short
 
 
-def _family_error(capsys, family: str, argv) -> str:
-    line = _error(capsys, argv)
-    assert f"error: {family}: " in line, line
-    return line
+def _chunk(out, name: str, key: str):
+    return out.joinpath(name, "c", *key.split("."))
 
 
-def test_usage_error_exits_2(fixture_dir, tmp_path, capsys):
-    line = _error(capsys, _run_args(tmp_path / "e.zarr", "--method", "magic"))
-    assert line.startswith("infscale run: error: --method: unknown method 'magic'"), line
+@pytest.mark.parametrize("scheduler", ["sync", "dask"])
+def test_info_verify_finds_damage_and_resume_repairs_it(fixture_dir, truth, tmp_path, capsys, scheduler):
+    out = tmp_path / "d.zarr"
+    extra = ("--self-influences", "--top-k", "3")
+    assert main(_run_args(out, *extra)) == 0
+    names = ("influences", "self_influences", "top_helpful_indices", "top_helpful_values")
+    before = {name: zarr.open_array(str(out / name), mode="r")[:] for name in names}
+    _chunk(out, "influences", "1.2").unlink()  # deleted
+    for name, key in (("influences", "2.0"), ("self_influences", "3")):  # truncated
+        _chunk(out, name, key).write_bytes(_chunk(out, name, key).read_bytes()[:5])
+    _chunk(out, "top_helpful_values", "1.0").unlink()
+    # leftovers of writes cut short never count: a marker and a chunk of a block never finished
+    (out / "influences" / "_infscale_complete" / f"9.{TEMPORARY}").write_text("{}")
+    (out / "influences" / "c" / "0" / f"9.{TEMPORARY}").write_bytes(b"\0")
 
-
-def test_not_positive_definite_exits_2_for_a_rank_deficient_model(fixture_dir, tmp_path, capsys):
-    """DirectInfluence with λ = 0 where one input feature is always 0: H has an exact zero eigenvalue."""
-    argv = _run_args(
-        tmp_path / "n.zarr", "--param", "hessian_regularization=0", data="cli_fixture:dead_feature_data"
-    )
-    line = _family_error(capsys, "NotPositiveDefiniteError", argv)
-    assert "hessian_regularization" in line
-
-
-def test_ekfac_singular_curvature_exits_2(fixture_dir, tmp_path, capsys):
-    """EK-FAC with λ = 0 on data with a dead input feature: its curvature is singular."""
-    argv = _run_args(
-        tmp_path / "k.zarr", "--method", "ekfac", "--param", "hessian_regularization=0",
-        model="cli_fixture:mse_model", data="cli_fixture:dead_feature_data",
-    )  # fmt: skip
-    line = _family_error(capsys, "NotPositiveDefiniteError", argv)
-    assert "hessian_regularization" in line
-
-
-def test_lissa_divergence_exits_2(fixture_dir, tmp_path, capsys):
-    """scale far below the largest curvature eigenvalue: the LiSSA iterates explode."""
-    argv = _run_args(tmp_path / "l.zarr", "--method", "lissa", "--param", "scale=0.01")
-    _family_error(capsys, "LissaDivergenceError", argv)
-
-
-def test_thread_safety_violation_exits_2_before_writing(fixture_dir, tmp_path, capsys):
-    """A scheduler whose worker runs two threads: the torch methods are not thread-safe."""
-    from distributed import LocalCluster
-
-    out = tmp_path / "t.zarr"
-    with LocalCluster(
-        n_workers=1,
-        threads_per_worker=2,
-        processes=False,
-        protocol="tcp",
-        host="127.0.0.1",
-        dashboard_address=None,
-    ) as cluster:
-        line = _family_error(
-            capsys, "ThreadSafetyViolationError", _run_args(out, "--scheduler", cluster.scheduler_address)
-        )
-    assert "(2 threads)" in line and "--nthreads 1" in line
-    assert not out.exists()  # checked before the store is touched
-
-
-def test_store_exists_and_mismatch_exit_2(fixture_dir, tmp_path, capsys):
-    out = tmp_path / "s.zarr"
-    assert main(_run_args(out)) == 0
     capsys.readouterr()
-    line = _family_error(capsys, "StoreExistsError", _run_args(out))
-    assert "already exists" in line
-    line = _family_error(
-        capsys, "StoreMismatchError", _run_args(out, "--resume", "--param", "hessian_regularization=0.5")
-    )
-    assert "another configuration" in line and "params" in line
-    # --overwrite replaces only zarr stores: a folder of other files is left alone
-    other = tmp_path / "photos"
-    other.mkdir()
-    (other / "cat.jpg").write_bytes(b"not zarr")
-    line = _family_error(capsys, "StoreExistsError", _run_args(other, "--overwrite"))
-    assert "not a zarr store" in line and (other / "cat.jpg").exists()
+    assert main(["info", str(out)]) == 0
+    lines = {line.split(":")[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "14 of 15 blocks done" in lines["influences"]  # a block whose chunk is gone is not done
+    assert "5 of 5 blocks done" in lines["self_influences"]  # truncated: found by --verify only
+
+    assert main(["info", str(out), "--verify"]) == 2
+    captured = capsys.readouterr()
+    text = captured.out
+    assert "damaged block 1.2: chunk missing" in text and "damaged block 2.0: unreadable" in text
+    assert "damaged block 3: unreadable" in text
+    assert "top_helpful_values" in text and "checksum mismatch" in text
+    assert "--verify: 4 damaged block(s)" in captured.err and "--resume" in captured.err
+
+    if scheduler == "sync":
+        assert main(_run_args(out, *extra, "--resume")) == 0
+    else:  # the Dask path (dask_to_zarr) verifies and repairs the same way
+        from distributed import LocalCluster
+
+        with LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, protocol="tcp", host="127.0.0.1",
+            dashboard_address=None,
+        ) as cluster:  # fmt: skip
+            assert main(_run_args(out, *extra, "--resume", "--scheduler", cluster.scheduler_address)) == 0
+    capsys.readouterr()
+    assert main(["info", str(out), "--verify"]) == 0
+    assert "damaged" not in capsys.readouterr().out
+    for name in names:
+        np.testing.assert_allclose(zarr.open_array(str(out / name), mode="r")[:], before[name], rtol=1e-12)
+    np.testing.assert_allclose(before["influences"], truth, rtol=1e-8, atol=1e-10)
 
 
-def test_unsupported_influence_mode_exits_2(fixture_dir, tmp_path, capsys):
-    """argparse limits --mode to its choices; a TOML file can still name another one."""
-    config = tmp_path / "run.toml"
-    config.write_text('mode = "sideways"\n')
-    line = _family_error(
-        capsys,
-        "UnsupportedInfluenceModeError",
-        ["run", "--config", str(config), *_run_args(tmp_path / "m.zarr")[1:]],
-    )
-    assert "'sideways'" in line and "'up', 'perturbation'" in line
+def test_a_store_cannot_drive_the_terminal(fixture_dir, tmp_path, capsys):
+    """Attributes and keys of a store come from whoever wrote it: `info`, `top` and error messages
+    print their control characters escaped (no screen clearing, colours, titles or reordering)."""
+    out = tmp_path / "e.zarr"
+    assert main(_run_args(out)) == 0
+    array = zarr.open_array(str(out / "influences"), mode="r+")
+    array.attrs.update({"method": "\x1b[2J\x1b[31mEvil", "note\x1b]0;title\x07": "bidi \u202e and C1 \x9b"})
+    zarr.open_group(str(out), mode="r+").attrs["model"] = "\x1b[2J"
+    raw = ("\x1b", "\x07", "\x9b", "\u202e")
+
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert not any(c in text for c in raw)
+    assert "note\\x1b]0;title\\x07" in text and "\\u202e" in text and "\\x9b" in text
+    assert main(["top", str(out), "--test", "0"]) == 0
+    text = capsys.readouterr().out
+    assert not any(c in text for c in raw) and "(\\x1b[2J\\x1b[31mEvil, mode up" in text
+
+    (out / "influences" / "c" / "\x1b[2J").write_text("mine")  # a file of someone else's
+    assert main(_run_args(out, "--overwrite")) == 2
+    err = capsys.readouterr().err
+    assert not any(c in err for c in raw) and "influences/c/\\x1b[2J" in err
 
 
-def _instances() -> dict[type, BaseException]:
-    return {
-        errors.UsageError: errors.UsageError("--flag: bad"),
-        errors.NotFittedError: errors.NotFittedError(int, "influences"),
-        errors.UnsupportedInfluenceModeError: errors.UnsupportedInfluenceModeError("sideways"),
-        errors.NotPositiveDefiniteError: errors.NotPositiveDefiniteError("use hessian_regularization ≥ 1"),
-        errors.LissaDivergenceError: errors.LissaDivergenceError("raise scale"),
-        errors.ThreadSafetyViolationError: errors.ThreadSafetyViolationError("M", {"tcp://w": 2}),
-        errors.InvalidDimensionChunksError: errors.InvalidDimensionChunksError("x", ((2,), (1, 1))),
-        errors.UnalignedChunksError: errors.UnalignedChunksError("x", (2,), "y", (1, 1)),
-        errors.StoreExistsError: errors.StoreExistsError("exists"),
-        errors.StoreMismatchError: errors.StoreMismatchError("mismatch"),
-        errors.NonFiniteError: errors.NonFiniteError("x_test rows [3] hold NaN"),
-        errors.BatchFormatError: errors.BatchFormatError("batch 0 is a tuple of 3; expected (x, y)"),
-        errors.FeatureShapeError: errors.FeatureShapeError("x_test has 5 features; fitted on 4"),
-        errors.ModelInputError: errors.ModelInputError("x (int64) could not go through the model"),
-        errors.TrainingModeError: errors.TrainingModeError("call model.eval()"),
-        errors.UnsupportedCurvatureError: errors.UnsupportedCurvatureError("use empirical_fisher"),
-    }
-
-
-def test_every_user_fixable_family_maps_to_2_by_type(capsys):
-    """NotFittedError (the command always fits first) and the chunk errors (the command makes the
-    chunks) cannot be reached through the command: their mapping is checked here, with all others."""
-    instances = _instances()
-    families = {
-        c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.UserFixableError)
-    }
-    assert set(instances) == families - {errors.UserFixableError}  # a new family needs a case here
-    for cls, error in instances.items():
-        assert report_error("run", error) == 2, cls
-        err = capsys.readouterr().err
-        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-        assert ("internal error" not in err) and (
-            cls is errors.UsageError or f"error: {cls.__name__}: " in err
-        )
-
-
-def test_mapping_is_by_type_not_by_message(capsys):
-    """A plain ValueError that mentions hessian_regularization is an internal error (exit 1)."""
-    assert report_error("run", ValueError("hessian_regularization is not positive definite")) == 1
-    assert "internal error: ValueError" in capsys.readouterr().err
-
-    class Mine(errors.UserFixableError):
-        pass
-
-    assert report_error("run", Mine("fix this")) == 2  # a subclass defined anywhere
-    assert "error: Mine: fix this" in capsys.readouterr().err
+def test_resume_after_a_kill_while_the_self_influences_were_being_created(fixture_dir, tmp_path, capsys):
+    """Killed while zarr wrote the self-influences' metadata: the folder holds only a temporary
+    file. That is no data: --resume creates the array and finishes, and so would a plain rerun."""
+    out = tmp_path / "s.zarr"
+    assert main(_run_args(out, "--self-influences")) == 0
+    expected = zarr.open_array(str(out / "self_influences"), mode="r")[:]
+    for keep in (True, False):
+        shutil.rmtree(out / "self_influences")
+        (out / "self_influences").mkdir()
+        (out / "self_influences" / f"zarr.{TEMPORARY}").write_text('{"zarr_fo')
+        if keep:  # an empty chunk folder too, as a kill between mkdir and write leaves
+            (out / "self_influences" / "c").mkdir()
+        assert main(_run_args(out, "--self-influences", "--resume")) == 0
+        np.testing.assert_array_equal(zarr.open_array(str(out / "self_influences"), mode="r")[:], expected)

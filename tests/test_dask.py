@@ -426,3 +426,33 @@ def test_moving_the_model_between_workers_sends_the_snapshot_not_the_live_object
     assert copy is not live and not copy.model[0]._forward_hooks
     x, y = p["x_te"][:3], p["y_te"][:3]
     torch.testing.assert_close(copy.self_influences(x, y), live.self_influences(x, y), rtol=0, atol=0)
+
+
+def test_a_lazy_result_computed_after_its_client_closed_says_so(problem):
+    """After its client closed, Dask computes a lazy result with its threaded scheduler: the
+    thread-safety check runs again when the graph is computed and names what happened, instead
+    of running a model that is not thread-safe in several threads at once."""
+    p = problem
+    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
+        calc = DaskInfluenceCalculator(p["infl"], TorchNumpyConverter(), client)
+        safe = DaskInfluenceCalculator(SpyModel(p["infl"], thread_safe=True), TorchNumpyConverter(), client)
+        xt, yt = _dask(p["x_te"], 2), _dask(p["y_te"], 2)
+        lazy, lazy_self = calc.influences(xt, yt), calc.self_influences(xt, yt)
+        lazy_safe = safe.influences(xt, yt)
+    with dask.config.set(num_workers=2):  # Dask's fallback: its threaded scheduler, two threads
+        for result in (lazy, lazy_self):
+            with pytest.raises(ThreadSafetyViolationError) as info:
+                result.compute()
+            message = str(info.value)
+            assert "Dask's local threaded scheduler with 2 threads" in message and "was closed" in message
+            assert "scheduler='synchronous'" in message
+        np.testing.assert_allclose(lazy_safe.compute(), p["sym_up"].numpy(), rtol=1e-9, atol=1e-11)
+    # one thread is fine: the synchronous scheduler, or a threaded one with a single thread
+    for options in ({"scheduler": "synchronous"}, {"scheduler": "threads", "num_workers": 1}):
+        np.testing.assert_allclose(lazy.compute(**options), p["sym_up"].numpy(), rtol=1e-9, atol=1e-11)
+
+    # computed on another cluster whose worker runs two threads: named too, on the worker
+    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as other:
+        address = next(iter(other.nthreads()))
+        with pytest.raises(ThreadSafetyViolationError, match=f"computed by the Dask worker at {address}"):
+            lazy.compute()

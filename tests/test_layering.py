@@ -29,6 +29,7 @@ BOXES: dict[int, tuple[str, ...]] = {
         "infscale.calculator",
         "infscale.parallel",
         "infscale.dask_writer",
+        "infscale.dask_threads",
         "infscale.dask_tasks",
         "infscale.array",
     ),

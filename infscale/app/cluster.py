@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import UsageError
 
-__all__ = ["parse_scheduler", "dask_client", "describe_client"]
+__all__ = ["parse_scheduler", "dask_client", "describe_client", "check_worker_imports"]
 
 
 def parse_scheduler(text: str) -> tuple[str, Any]:
@@ -83,3 +83,34 @@ def dask_client(kind: str, arg: Any, timeout: float = 10.0) -> Iterator[Any]:
 def describe_client(client: Any) -> str:
     """``scheduler ADDRESS, dashboard LINK`` of a client, for the log."""
     return f"scheduler {client.scheduler.address}, dashboard {client.dashboard_link}"
+
+
+def check_worker_imports(client: Any, modules: dict[str, str]) -> None:
+    """Check that every worker of ``client`` can import ``modules`` (``{flag: module name}``): the
+    user's factory modules, which the pickled model and data refer to by name.
+
+    Raises:
+        UsageError: naming the flag, the module, the worker and why it cannot import it.
+    """
+    failures = client.run(_import_errors, sorted(set(modules.values())))
+    for address, errors in sorted(failures.items()):
+        for module, message in sorted(errors.items()):
+            flag = next(f for f, m in modules.items() if m == module)
+            raise UsageError(
+                f"{flag}: the Dask worker at {address} cannot import module {module!r} ({message}); expected "
+                "it to be importable on every worker (the same code and environment: start the workers "
+                "where the module is, or put it on their PYTHONPATH)."
+            )
+
+
+def _import_errors(modules: list[str]) -> dict[str, str]:
+    """Runs on a worker: ``{module: "Error: message"}`` for each module it cannot import."""
+    import importlib
+
+    errors = {}
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as error:
+            errors[module] = f"{type(error).__name__}: {' '.join(str(error).split())}"
+    return errors

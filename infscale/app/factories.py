@@ -1,9 +1,13 @@
 """The user's factories: ``--model pkg.mod:function`` → (model, loss) and
 ``--data pkg.mod:function`` → (train_dataset, test_dataset).
 
-Factories are imported, never unpickled from disk; the current directory is importable.
-Everything wrong with them (not importable, not callable, raising, returning the wrong
-types) is a ``UsageError`` naming the flag, what was given and what was expected.
+Factories are imported, never unpickled from disk: like ``python -m``, ``--model`` and
+``--data`` run the user's code. The current directory is importable, but *after* the installed
+packages (appended to ``sys.path``, never put first), so a file in it named like a package
+(a planted ``zarr.py`` or ``numpy.py``) never replaces that package; a user module that an
+installed one shadows is named in the error. Everything wrong with the factories (not
+importable, not callable, raising, returning the wrong types) is a ``UsageError`` naming the
+flag, what was given and what was expected.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ __all__ = ["load_factory", "load_model", "load_data"]
 
 
 def load_factory(spec: str, flag: str) -> Callable:
-    """Import ``package.module:function`` (the current directory is importable); ``function``
-    may be a dotted attribute path (``module:Class.method``).
+    """Import ``package.module:function`` (the current directory is importable, after the
+    installed packages); ``function`` may be a dotted attribute path (``module:Class.method``).
 
     Raises:
-        UsageError: malformed spec, module not importable, no such attribute, not callable.
+        UsageError: malformed spec, module not importable (or shadowed by an installed one of the
+            same name), no such attribute, not callable.
     """
     if not isinstance(spec, str) or spec.count(":") != 1:
         raise UsageError(f"{flag}: expected package.module:function; got {spec!r}.")
@@ -33,13 +38,14 @@ def load_factory(spec: str, flag: str) -> Callable:
         raise UsageError(f"{flag}: expected package.module:function; got {spec!r}.")
     cwd = os.getcwd()
     if cwd not in sys.path:
-        sys.path.insert(0, cwd)
+        sys.path.append(cwd)  # last: a file here never shadows an installed package
     try:
         module = importlib.import_module(module_name)
     except Exception as error:  # the user's module: any failure on import is theirs to fix
         raise UsageError(
             f"{flag}: cannot import module {module_name!r} ({type(error).__name__}: {error})."
         ) from error
+    _check_not_shadowed(module_name, cwd, flag)
     target: Any = module
     for part in attr.split("."):
         if not hasattr(target, part):
@@ -48,6 +54,23 @@ def load_factory(spec: str, flag: str) -> Callable:
     if not callable(target):
         raise UsageError(f"{flag}: {spec!r} is not callable (it is a {type(target).__name__}).")
     return target
+
+
+def _check_not_shadowed(module_name: str, cwd: str, flag: str) -> None:
+    """The user meant the module in the current directory, but an installed one of the same
+    name came first on ``sys.path``: say so rather than run the wrong code.
+
+    Raises:
+        UsageError: ``cwd`` holds ``<top>.py`` or ``<top>/`` but ``<top>`` was imported from elsewhere.
+    """
+    top = module_name.split(".")[0]
+    local = [p for p in (os.path.join(cwd, top + ".py"), os.path.join(cwd, top)) if os.path.exists(p)]
+    origin = getattr(sys.modules.get(top), "__file__", None)
+    if local and origin and not os.path.abspath(origin).startswith(os.path.join(cwd, "")):
+        raise UsageError(
+            f"{flag}: module {top!r} was imported from {origin}, not from {local[0]}: an installed "
+            f"module of that name comes first. Rename {local[0]}."
+        )
 
 
 def _call_factory(spec: str, flag: str) -> Any:

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UsageError, UserFixableError
-from .cluster import dask_client, describe_client, parse_scheduler
+from .cluster import check_worker_imports, dask_client, describe_client, parse_scheduler
 from .factories import load_data, load_model
 from .registry import format_params, make_influence_model, resolve_method
-from .results import INFLUENCES, SELF_INFLUENCES, array_url, prepare_group, write_top_k
+from .results import INFLUENCES, SELF_INFLUENCES, PreparedGroup, array_url, prepare_group, write_top_k
 
 __all__ = ["RunConfig", "ComputeSettings", "run_pipeline", "fit", "compute_into_group"]
 
@@ -100,7 +100,7 @@ def compute_into_group(
     infl_model: Any,
     train_dataset: Any,
     test_dataset: Any,
-    url: str,
+    url: str | PreparedGroup,
     settings: ComputeSettings | None = None,
     client: Any = None,
     log: Callable[[str], None] = print,
@@ -113,24 +113,31 @@ def compute_into_group(
     written by this process (``infscale.parallel.dask_to_zarr``) with the same attributes and
     completion markers, so that a run can be resumed under either.
 
+    ``url`` is the group's path or URL, or what ``prepare_group`` returned: with a replacement
+    pending (``--overwrite``), the old store is replaced when the first influence block is ready.
+
     Raises:
         UserFixableError: e.g. ``StoreExistsError``/``StoreMismatchError`` from the arrays, the
             method's errors, ``ThreadSafetyViolationError`` from a multi-threaded worker.
-        UsageError: the store cannot be written, or ``top_k`` is invalid.
+        UsageError: the store cannot be written, ``top_k`` is invalid, or a Dask worker cannot
+            import the modules the model needs.
     """
     settings = settings or ComputeSettings()
+    target = url if isinstance(url, PreparedGroup) else PreparedGroup(str(url))
+    url = target.url
+    replace = target.before_first_write if target.replace_pending else None
     infl_url = array_url(url, INFLUENCES)
     self_url = array_url(url, SELF_INFLUENCES) if settings.self_influences else None
     if client is None:
-        _sequential(infl_model, train_dataset, test_dataset, infl_url, self_url, settings, log)
+        _sequential(infl_model, train_dataset, test_dataset, infl_url, self_url, settings, log, replace)
     else:
-        _on_dask(infl_model, train_dataset, test_dataset, infl_url, self_url, settings, client, log)
+        _on_dask(infl_model, train_dataset, test_dataset, infl_url, self_url, settings, client, log, replace)
     if settings.top_k:
         log(f"top-{settings.top_k} helpful and harmful training points per test point → {url}/top_*")
         write_top_k(url, settings.top_k, progress=settings.progress)
 
 
-def _sequential(infl_model, train_dataset, test_dataset, infl_url, self_url, settings, log) -> None:
+def _sequential(infl_model, train_dataset, test_dataset, infl_url, self_url, settings, log, replace) -> None:
     from torch.utils.data import DataLoader
 
     from ..calculator import SequentialInfluenceCalculator
@@ -143,14 +150,17 @@ def _sequential(infl_model, train_dataset, test_dataset, infl_url, self_url, set
     options = {"resume": settings.resume, "progress": settings.progress}
     log(f"computing influences → {infl_url}")
     with _writing():
-        calc.influences(test_loader, train_loader, mode=settings.mode).to_zarr(infl_url, converter, **options)
+        influences = calc.influences(test_loader, train_loader, mode=settings.mode)
+        # the writer calls it when the first block is ready: only then is an old store replaced
+        influences.source.before_first_write = replace
+        influences.to_zarr(infl_url, converter, overwrite=replace is not None, **options)
     if self_url:
         log(f"computing self-influences → {self_url}")
         with _writing():
             calc.self_influences(train_loader).to_zarr(self_url, converter, **options)
 
 
-def _on_dask(infl_model, train_dataset, test_dataset, infl_url, self_url, settings, client, log) -> None:
+def _on_dask(infl_model, train_dataset, test_dataset, infl_url, self_url, settings, client, log, replace):
     from ..parallel import DaskInfluenceCalculator, dask_to_zarr
     from ..torch.util import TorchNumpyConverter, torch_dataset_to_dask_array
 
@@ -160,15 +170,32 @@ def _on_dask(infl_model, train_dataset, test_dataset, infl_url, self_url, settin
     x_test, y_test = torch_dataset_to_dask_array(test_dataset, chunk_size=test_batch, resulting_dtype=dtype)
     options = {"client": client, "resume": settings.resume, "progress": settings.progress}
     log(f"computing influences on Dask ({describe_client(client)}) → {infl_url}")
-    with _writing():
+    with _writing(), _worker_imports():
         influences = calc.influences(x_test, y_test, x, y, mode=settings.mode)
         attributes = calc.result_attributes("influences", settings.mode)
-        dask_to_zarr(influences, infl_url, attributes=attributes, **options)
+        dask_to_zarr(
+            influences, infl_url, attributes=attributes, overwrite=replace is not None,
+            before_first_write=replace, **options,
+        )  # fmt: skip
     if self_url:
         log(f"computing self-influences on Dask → {self_url}")
-        with _writing():
+        with _writing(), _worker_imports():
             attributes = calc.result_attributes("self_influences", "up")
             dask_to_zarr(calc.self_influences(x, y), self_url, attributes=attributes, **options)
+
+
+@contextlib.contextmanager
+def _worker_imports() -> Iterator[None]:
+    """A worker that cannot import a module the pickled model or data need (the user's module
+    is importable only where ``infscale run`` runs) is the user's to fix: ``UsageError``."""
+    try:
+        yield
+    except ImportError as error:
+        raise UsageError(
+            f"--scheduler: a Dask worker cannot import {error.name or 'a module'!r} ({type(error).__name__}: "
+            f"{error}); expected the modules of --model and --data to be importable on every worker "
+            "(same code and environment, e.g. on its PYTHONPATH)."
+        ) from error
 
 
 def _check(config: RunConfig) -> str:
@@ -201,24 +228,21 @@ def _check(config: RunConfig) -> str:
 
 def run_pipeline(config: RunConfig, log: Callable[[str], None] = print) -> None:
     """``infscale run``: check the configuration, load the factories, build the method, connect
-    to (or start) the Dask cluster, create the results group, fit, and compute into it.
+    to (or start) the Dask cluster, prepare the results group, fit, and compute into it.
 
-    An unreachable scheduler, or a multi-threaded worker for a model that is not thread-safe,
-    is reported before the store is touched or anything is fitted.
+    Order matters: an unavailable device, an unreachable scheduler, a multi-threaded worker for
+    a model that is not thread-safe, or workers that cannot import the user's modules are
+    reported before the store is touched or anything is fitted; an old store is replaced
+    (``--overwrite``) only when the first new block is ready, after the fit.
 
     Raises:
         UserFixableError: anything the user can fix (``UsageError`` for the command's own checks;
             the library's errors, e.g. ``NotPositiveDefiniteError``, keep their types).
     """
-    import torch
-
     import infscale
 
     mode = _check(config)
-    try:
-        device = torch.device(config.device)
-    except RuntimeError as error:
-        raise UsageError(f"--device: {error}") from error
+    device = _device(config.device)
     short, cls = resolve_method(config.method)
     model, loss = load_model(config.model)
     train_ds, test_ds = load_data(config.data)
@@ -240,8 +264,36 @@ def run_pipeline(config: RunConfig, log: Callable[[str], None] = print) -> None:
             from ..parallel import check_thread_safety
 
             check_thread_safety(infl_model, client)
-        prepare_group(config.out, config.overwrite, config.resume, attributes)
+            flags = (("--model", config.model), ("--data", config.data))
+            check_worker_imports(client, {flag: spec.split(":")[0].strip() for flag, spec in flags})
+        target = prepare_group(config.out, config.overwrite, config.resume, attributes)
         log(f"fitting {cls.__name__}({format_params(config.params)}) on {len(train_ds)} training points")
         fit(infl_model, train_ds, config.batch_size)
-        compute_into_group(infl_model, train_ds, test_ds, config.out, settings, client=client, log=log)
+        compute_into_group(infl_model, train_ds, test_ds, target, settings, client=client, log=log)
     log(f"done: {config.out} (infscale info {config.out}; infscale top {config.out} --test 0)")
+
+
+def _device(text: str):
+    """The torch device ``--device`` names, after checking that a tensor can be made on it.
+
+    Raises:
+        UsageError: not a device name, or a device this machine (or this torch build) lacks.
+    """
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError as error:
+        raise UsageError(f"--device: {error}") from error
+    try:
+        torch.empty(0, device=device)
+    except Exception as error:  # AssertionError or RuntimeError, depending on the build
+        available = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            available.append("mps")
+        why = " ".join(str(error).split())
+        raise UsageError(
+            f"--device: {text!r} is not available here ({type(error).__name__}: {why}); "
+            f"expected one of: {', '.join(available)}."
+        ) from error
+    return device

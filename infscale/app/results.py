@@ -11,12 +11,23 @@ Layout (a zarr v3 group at ``OUT``)::
     OUT/top_harmful_indices  (n_test, k) int64
     OUT/top_harmful_values   (n_test, k)        most negative first
 
-Each array inside is written by ``to_zarr`` (or ``infscale.parallel.dask_to_zarr``) at
-``OUT/<name>`` with its own completion markers. Every zarr call goes through ``infscale.store``.
+Each influence array inside is written by ``to_zarr`` (or ``infscale.parallel.dask_to_zarr``) at
+``OUT/<name>`` with its own completion markers; each top-k array carries the checksum of its
+values, written last. Every zarr call goes through ``infscale.store``.
+
+What ``prepare_group`` promises (see docs/cli.md, "Guarantees"):
+
+- it never deletes a store infscale did not write (a group or array whose attributes name an
+  infscale version, holding nothing but these arrays' metadata, chunks and markers);
+- ``overwrite`` replaces such a store only when the new run's first block is ready
+  (``PreparedGroup.before_first_write``), so a run that fails before leaves it as it was;
+- a store infscale wrote that holds no finished block (a failed run's leftover) is reused
+  without ``overwrite``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,10 +38,11 @@ from ..store import (
     attribute_differences,
     clear_store,
     create_group,
-    holds_zarr,
+    holds_finished_blocks,
     open_group,
     open_node,
     open_zarr_store,
+    ownership_problem,
     store_is_empty,
     write_group_array,
 )
@@ -40,7 +52,9 @@ __all__ = [
     "SELF_INFLUENCES",
     "TOP_ARRAYS",
     "RESUME_FREE",
+    "ARRAYS",
     "array_url",
+    "PreparedGroup",
     "prepare_group",
     "open_results",
     "completeness",
@@ -52,6 +66,8 @@ __all__ = [
 INFLUENCES = "influences"
 SELF_INFLUENCES = "self_influences"
 TOP_ARRAYS = ("top_helpful_indices", "top_helpful_values", "top_harmful_indices", "top_harmful_values")
+#: Every array the group may hold.
+ARRAYS = (INFLUENCES, SELF_INFLUENCES, *TOP_ARRAYS)
 
 #: Configuration keys that may change between a run and its resumption.
 RESUME_FREE = ("scheduler", "device", "infscale_version", "top_k", "self_influences")
@@ -82,64 +98,125 @@ def _is_empty(store, url: str, flag: str) -> bool:
         raise UsageError(f"{prefix}cannot access {url!r}: {type(error).__name__}: {error}") from error
 
 
-def prepare_group(url: str, overwrite: bool, resume: bool, attributes: dict[str, Any]):
-    """Create the results group at ``url`` with the run's configuration as its attributes, or,
-    with ``resume``, reopen the group an interrupted run left there.
+@dataclass
+class PreparedGroup:
+    """The results group of a run, as ``prepare_group`` left it.
 
-    Args:
-        url: a local path or any fsspec URL.
-        overwrite: replace a zarr store already at ``url`` (other data is never deleted).
-        resume: reopen it instead; the keys of ``attributes`` other than ``RESUME_FREE`` must
-            equal the stored ones (those in ``RESUME_FREE`` are updated).
-        attributes: the run configuration (JSON-able values).
-
-    Returns:
-        The zarr group, writable.
-
-    Raises:
-        UsageError: both ``overwrite`` and ``resume``; the store cannot be opened or written.
-        StoreExistsError: ``url`` holds data and neither flag is set, or holds data that is not
-            a zarr store and ``overwrite`` is set.
-        StoreMismatchError: ``resume`` against something that is not a group written by
-            infscale, or one written with another configuration.
+    Attributes:
+        url: where the group is.
+        attributes: the run's configuration (the group's attributes).
+        replace_pending: an old store infscale wrote is still at ``url`` (``overwrite``): the
+            writer of the first array calls ``before_first_write`` when the new run's first block
+            is ready, which replaces it; until then it is left exactly as it was.
     """
-    if overwrite and resume:
-        raise UsageError("--overwrite and --resume exclude each other; choose one.")
-    store = _open_store(url, "--out")
-    if not _is_empty(store, url, "--out"):
-        if resume:
-            try:
-                group = open_group(store, writable=True)
-            except Exception as error:
-                raise StoreMismatchError(
-                    f"--resume: {url!r} holds data that is not an infscale store ({error}); "
-                    "use --overwrite or another --out."
-                ) from error
-            diff = attribute_differences(dict(group.attrs), attributes, ignore=RESUME_FREE)
-            if diff:
-                raise StoreMismatchError(
-                    f"--resume: {url!r} was written with another configuration ({'; '.join(diff)}); "
-                    "use --overwrite or another --out."
-                )
-            group.attrs.update({k: attributes[k] for k in RESUME_FREE if k in attributes})
-            return group
-        if not overwrite:
-            raise StoreExistsError(
-                f"--out: {url!r} already exists; pass --overwrite to replace it or --resume to "
-                "finish an interrupted run."
-            )
-        if not holds_zarr(store):
-            raise StoreExistsError(
-                f"--out: {url!r} holds data that is not a zarr store; --overwrite only replaces zarr "
-                "stores. Choose another --out."
-            )
+
+    url: str
+    attributes: dict[str, Any] = field(default_factory=dict)
+    replace_pending: bool = False
+
+    def before_first_write(self) -> None:
+        """Replace the old store by a new group with ``attributes`` (once; nothing to do when no
+        replacement is pending). Its ownership is checked again first.
+
+        Raises:
+            StoreExistsError: since ``prepare_group``, someone put files infscale did not write there.
+        """
+        if not self.replace_pending:
+            return
+        store = _open_store(self.url, "--out")
+        _check_ownership(store, self.url)
         clear_store(store)
+        _create(store, self.url, self.attributes)
+        self.replace_pending = False
+
+    def open(self, writable: bool = False):
+        """The zarr group at ``url`` (still the old one while a replacement is pending)."""
+        return open_group(_open_store(self.url, "--out"), writable=writable)
+
+
+def _check_ownership(store, url: str) -> None:
+    problem = ownership_problem(store, ARRAYS)
+    if problem is not None:
+        raise StoreExistsError(
+            f"--out: {url!r} holds {problem}; infscale only writes into, resumes or replaces stores it "
+            "wrote itself. Choose another --out. Nothing was changed."
+        )
+
+
+def _create(store, url: str, attributes: dict[str, Any]):
     try:
         return create_group(store, attributes)
     except Exception as error:
         raise UsageError(
             f"--out: cannot write a zarr store at {url!r}: {type(error).__name__}: {error}"
         ) from error
+
+
+def prepare_group(url: str, overwrite: bool, resume: bool, attributes: dict[str, Any]) -> PreparedGroup:
+    """Make ``url`` ready for a run's results: create the group with the run's configuration as
+    its attributes, reopen the group an interrupted run left there (``resume``), or plan the
+    replacement of an old one (``overwrite``).
+
+    Only stores infscale wrote are ever written into, resumed or replaced (see
+    ``infscale.store.ownership_problem``); one of them holding no finished block (a failed run's
+    leftover) is replaced now, without ``overwrite``. With ``overwrite``, a store holding results
+    is left untouched here: ``PreparedGroup.before_first_write`` replaces it once the new run's
+    first block is ready.
+
+    Args:
+        url: a local path or any fsspec URL.
+        overwrite: replace a store of results infscale wrote at ``url``.
+        resume: reopen it instead; the keys of ``attributes`` other than ``RESUME_FREE`` must
+            equal the stored ones (those in ``RESUME_FREE`` are updated).
+        attributes: the run configuration (JSON-able values); ``infscale_version`` is added
+            unless given.
+
+    Raises:
+        UsageError: both ``overwrite`` and ``resume``; the store cannot be opened or written.
+        StoreExistsError: ``url`` holds data infscale did not write (files, another tool's zarr
+            store, an infscale store with files added), or results and neither flag is set.
+        StoreMismatchError: ``resume`` against results written with another configuration, or a
+            bare array instead of a results group.
+    """
+    from .._version import __version__
+
+    if overwrite and resume:
+        raise UsageError("--overwrite and --resume exclude each other; choose one.")
+    attributes = {"infscale_version": __version__, **dict(attributes)}  # how infscale knows its stores
+    store = _open_store(url, "--out")
+    if not _is_empty(store, url, "--out"):
+        _check_ownership(store, url)
+        if holds_finished_blocks(store, ARRAYS):
+            if resume:
+                return PreparedGroup(url, _reopen(store, url, attributes))
+            if not overwrite:
+                raise StoreExistsError(
+                    f"--out: {url!r} already exists; pass --overwrite to replace it or --resume to "
+                    "finish an interrupted run."
+                )
+            return PreparedGroup(url, attributes, replace_pending=True)
+        clear_store(store)  # a failed run's leftover, with nothing finished: not the user's data
+    _create(store, url, attributes)
+    return PreparedGroup(url, attributes)
+
+
+def _reopen(store, url: str, attributes: dict[str, Any]) -> dict[str, Any]:
+    """Check and update the configuration of the group an interrupted run left; its attributes."""
+    try:
+        group = open_group(store, writable=True)
+    except Exception as error:
+        raise StoreMismatchError(
+            f"--resume: {url!r} holds an array written by infscale, not the results group of "
+            f"infscale run ({type(error).__name__}); use --overwrite or another --out."
+        ) from error
+    diff = attribute_differences(dict(group.attrs), attributes, ignore=RESUME_FREE)
+    if diff:
+        raise StoreMismatchError(
+            f"--resume: {url!r} was written with another configuration ({'; '.join(diff)}); "
+            "use --overwrite or another --out."
+        )
+    group.attrs.update({k: attributes[k] for k in RESUME_FREE if k in attributes})
+    return dict(group.attrs)
 
 
 def open_results(url: str):

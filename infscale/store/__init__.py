@@ -22,9 +22,13 @@ from .groups import (
     attribute_differences,
     clear_store,
     create_group,
+    holds_finished_blocks,
     holds_zarr,
     open_group,
     open_node,
+    ownership_problem,
+    store_keys,
+    verify_group_array,
     write_group_array,
 )
 from .markers import (
@@ -35,7 +39,7 @@ from .markers import (
     input_digest,
     verify_blocks,
 )
-from .opening import _jsonable, open_zarr_store, store_is_empty
+from .opening import _jsonable, is_temporary_key, open_zarr_store, store_is_empty
 from .writer import _Layout, _offsets, _regular_chunk, _write_blocks
 
 __all__ = [
@@ -63,4 +67,9 @@ __all__ = [
     "array_completed_blocks",
     "array_completeness",
     "attribute_differences",
+    "store_keys",
+    "ownership_problem",
+    "holds_finished_blocks",
+    "is_temporary_key",
+    "verify_group_array",
 ]

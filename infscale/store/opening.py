@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["open_zarr_store", "store_is_empty"]
+__all__ = ["open_zarr_store", "store_is_empty", "is_temporary_key"]
+
+#: zarr's LocalStore writes a key to ``<stem>.<32 hex digits>.partial`` and then renames it: a process
+#: killed in between leaves that file behind. It is never data.
+_TEMPORARY = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
+def is_temporary_key(key: str) -> bool:
+    """Whether ``key`` is a temporary file of a write cut short (``c/0/1.<hex>.partial``)."""
+    return bool(_TEMPORARY.search(key))
 
 
 def open_zarr_store(path_or_url: Any, storage_options: dict | None = None):
@@ -58,7 +68,8 @@ def _sync(coro):
 
 
 def store_is_empty(store, where: str) -> bool:
-    """Whether the store holds nothing (a missing local folder counts as empty).
+    """Whether the store holds nothing (a missing local folder, or one holding only empty folders
+    and temporary files of writes cut short, counts as empty).
 
     Raises:
         NotADirectoryError: a local path that is a file.
@@ -67,7 +78,9 @@ def store_is_empty(store, where: str) -> bool:
         root = Path(store.root)
         if root.is_file():
             raise NotADirectoryError(f"{where} is a file, not a directory for a zarr store.")
-        return not root.exists() or not any(root.iterdir())
+        return not root.exists() or not any(
+            p.is_file() and not is_temporary_key(p.name) for p in root.rglob("*")
+        )
     return _sync(store.is_empty(""))
 
 

@@ -22,7 +22,7 @@ from .markers import (
     input_digest,
     verify_blocks,
 )
-from .opening import _jsonable, _sync, open_zarr_store, store_is_empty
+from .opening import _jsonable, _sync, is_temporary_key, open_zarr_store, store_is_empty
 
 
 @dataclass
@@ -66,7 +66,10 @@ def _infscale_keys_only(store, where: str) -> None:
             "only replaces stores infscale wrote. Choose another path. Nothing was written."
         )
     attributes = json.loads(_sync(_get_bytes(store, "zarr.json"))).get("attributes", {})
-    foreign = [k for k in keys if k != "zarr.json" and not k.startswith(("c/", COMPLETE_PREFIX))]
+    foreign = [
+        k for k in keys
+        if k != "zarr.json" and not k.startswith(("c/", COMPLETE_PREFIX)) and not is_temporary_key(k)
+    ]  # fmt: skip
     if "infscale_version" not in attributes or foreign:
         what = f"files infscale did not write ({', '.join(sorted(foreign)[:5])})" if foreign else (
             "a zarr array infscale did not write (no infscale attributes)"
@@ -207,7 +210,10 @@ def _write_blocks(
         except Exception as error:
             raise OSError(f"to_zarr: cannot write a zarr store at {where!r}: {error}") from error
 
-    if empty:  # nothing to keep: fail fast on an unwritable path, before computing
+    # A caller's hook on the source (the command replaces its old results group there): called
+    # once, when the first block is ready and checked, before the array is created or replaced.
+    before_first_write = getattr(source, "before_first_write", None)
+    if empty and before_first_write is None:  # nothing to keep: fail fast on an unwritable path
         array = create()
 
     def todo(*index: int) -> bool:
@@ -228,6 +234,8 @@ def _write_blocks(
             for index, region, block in blocks(todo if done else None):
                 data = _checked_block(converter, block, index, region, layout)
                 if array is None:  # the first block is ready: only now replace the old store
+                    if before_first_write is not None:
+                        before_first_write()
                     array = create()
                 content = {"checksum": block_digest(data), "inputs": check.digests(index)}
                 pending.append(writer.submit(store_block, region, data, ".".join(map(str, index)), content))
@@ -249,7 +257,7 @@ def _write_blocks(
             if source is not None and hasattr(source, "input_observer"):
                 source.input_observer = None
     if array is None:  # nothing was left to compute
-        array = create() if replace else zarr.open_array(store=store, mode="r+")
+        array = create() if replace or empty else zarr.open_array(store=store, mode="r+")
     return array if return_stored else None
 
 

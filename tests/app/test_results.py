@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import zarr
 
+from infscale._version import __version__
 from infscale.app.results import (
     INFLUENCES,
     SELF_INFLUENCES,
@@ -51,10 +52,16 @@ def _write(url, matrix, bt=3, br=4):
     NestedLazyChunkSequence(rows).to_zarr(array_url(url, INFLUENCES), _Identity(), progress=False)
 
 
-def test_prepare_group_creates_refuses_resumes_and_overwrites(tmp_path):
+def _files(path) -> dict[str, bytes]:
+    """Every file under ``path`` with its bytes: a store is bit-identical when this is equal."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_prepare_group_creates_refuses_and_resumes(tmp_path):
     url = str(tmp_path / "out.zarr")
-    prepare_group(url, overwrite=False, resume=False, attributes=CONFIG)
-    assert dict(zarr.open_group(url, mode="r").attrs) == CONFIG
+    target = prepare_group(url, overwrite=False, resume=False, attributes=CONFIG)
+    assert dict(zarr.open_group(url, mode="r").attrs) == {**CONFIG, "infscale_version": __version__}
+    assert target.url == url and not target.replace_pending
     _write(url, _matrix())
 
     with pytest.raises(StoreExistsError, match="already exists; pass --overwrite to replace it or --resume"):
@@ -63,7 +70,8 @@ def test_prepare_group_creates_refuses_resumes_and_overwrites(tmp_path):
         prepare_group(url, overwrite=True, resume=True, attributes=CONFIG)
 
     # resume: keys other than RESUME_FREE must match; the free ones are updated
-    group = prepare_group(url, overwrite=False, resume=True, attributes={**CONFIG, "scheduler": "local:2"})
+    target = prepare_group(url, overwrite=False, resume=True, attributes={**CONFIG, "scheduler": "local:2"})
+    group = target.open()
     assert group.attrs["scheduler"] == "local:2" and INFLUENCES in group
     changed = {**CONFIG, "batch_size": 8, "params": {"hessian_regularization": 0.2}}
     with pytest.raises(StoreMismatchError) as info:
@@ -76,29 +84,88 @@ def test_prepare_group_creates_refuses_resumes_and_overwrites(tmp_path):
     )
     assert "scheduler" not in message
 
-    # overwrite: a new, empty group with the new attributes
-    group = prepare_group(url, overwrite=True, resume=False, attributes=changed)
-    assert INFLUENCES not in group and zarr.open_group(url, mode="r").attrs["batch_size"] == 8
+
+def test_overwrite_replaces_the_old_store_only_when_the_first_block_is_ready(tmp_path):
+    """prepare_group(overwrite=True) touches nothing; before_first_write (called by the writer when
+    the new run's first block is ready) replaces the old store by an empty group."""
+    path = tmp_path / "out.zarr"
+    prepare_group(str(path), overwrite=False, resume=False, attributes=CONFIG)
+    _write(str(path), _matrix())
+    write_top_k(str(path), 2, progress=False)
+    before = _files(path)
+    changed = {**CONFIG, "batch_size": 8}
+    target = prepare_group(str(path), overwrite=True, resume=False, attributes=changed)
+    assert target.replace_pending and _files(path) == before  # bit-identical until then
+    target.before_first_write()
+    group = zarr.open_group(str(path), mode="r")
+    assert dict(group.attrs)["batch_size"] == 8 and list(group.keys()) == []
+    assert not target.replace_pending
+    target.before_first_write()  # once only: a second call changes nothing
+    assert zarr.open_group(str(path), mode="r").attrs["batch_size"] == 8
+
+    # a file added between the plan and the replacement: refused then, nothing deleted
+    _write(str(path), _matrix())
+    target = prepare_group(str(path), overwrite=True, resume=False, attributes=CONFIG)
+    (path / "notes.txt").write_text("mine")
+    before = _files(path)
+    with pytest.raises(StoreExistsError, match=r"files infscale did not write \(notes.txt\)"):
+        target.before_first_write()
+    assert _files(path) == before
 
 
-def test_prepare_group_never_deletes_what_is_not_zarr(tmp_path):
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    (folder / "cat.jpg").write_bytes(b"\xff\xd8")
-    with pytest.raises(
-        StoreExistsError, match="holds data that is not a zarr store; --overwrite only replaces"
-    ):
-        prepare_group(str(folder), overwrite=True, resume=False, attributes=CONFIG)
-    assert (folder / "cat.jpg").read_bytes() == b"\xff\xd8"
-    with pytest.raises(StoreMismatchError, match="holds data that is not an infscale store"):
-        prepare_group(str(folder), overwrite=False, resume=True, attributes=CONFIG)
+@pytest.mark.parametrize("flags", [(True, False), (False, False), (False, True)])
+def test_prepare_group_never_deletes_what_infscale_did_not_write(tmp_path, flags):
+    overwrite, resume = flags
+    folder = tmp_path / "mine"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "notes.txt").write_text("notes")
+    (folder / "sub" / "data.csv").write_text("a,b\n1,2\n")
+    # ... an infscale store with a file of the user's added, and a zarr array another tool wrote
+    added = tmp_path / "added.zarr"
+    prepare_group(str(added), overwrite=False, resume=False, attributes=CONFIG)
+    _write(str(added), _matrix())
+    (added / INFLUENCES / "c" / "README").write_text("mine")
+    other = tmp_path / "other.zarr"
+    zarr.create_array(str(other), shape=(2,), chunks=(2,), dtype="f8")[:] = 1.0
+    cases = {
+        folder: "data that is not a zarr store written by infscale",
+        added: f"files infscale did not write ({INFLUENCES}/c/README)",
+        other: "a zarr store infscale did not write",
+    }
+    for path, what in cases.items():
+        before = _files(path)
+        with pytest.raises(StoreExistsError) as info:
+            prepare_group(str(path), overwrite=overwrite, resume=resume, attributes=CONFIG)
+        assert what in str(info.value) and "Choose another --out" in str(info.value)
+        assert _files(path) == before
     with pytest.raises(UsageError, match="is a file, not a directory"):
-        prepare_group(str(folder / "cat.jpg"), overwrite=True, resume=False, attributes=CONFIG)
+        prepare_group(str(folder / "notes.txt"), overwrite=overwrite, resume=resume, attributes=CONFIG)
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_leftover_without_finished_blocks_is_reused(tmp_path, resume):
+    """A failed run's leftover is not the user's data: no --overwrite needed, and a resume may
+    start over with another configuration."""
+    url = str(tmp_path / "out.zarr")
+    prepare_group(url, overwrite=False, resume=False, attributes={**CONFIG, "batch_size": 99})
+    # an influence array created, no block finished, and a write cut short
+    zarr.create_array(
+        url + "/" + INFLUENCES, shape=(3, 3), chunks=(3, 3), dtype="f8", attributes={"infscale_version": "x"}
+    )
+    (tmp_path / "out.zarr" / INFLUENCES / "zarr.0123456789abcdef0123456789abcdef.partial").write_text("{")
+    target = prepare_group(url, overwrite=False, resume=resume, attributes=CONFIG)
+    assert dict(target.open().attrs)["batch_size"] == 4 and INFLUENCES not in target.open()
+    # a folder holding nothing but a temporary file of a write cut short
+    shutil.rmtree(tmp_path / "out.zarr")
+    (tmp_path / "out.zarr").mkdir()
+    (tmp_path / "out.zarr" / "zarr.0123456789abcdef0123456789abcdef.partial").write_text("{")
+    prepare_group(url, overwrite=False, resume=resume, attributes=CONFIG)
+    assert dict(zarr.open_group(url, mode="r").attrs)["batch_size"] == 4
 
 
 def test_resume_on_an_empty_place_creates_the_group(tmp_path):
-    group = prepare_group(str(tmp_path / "new.zarr"), overwrite=False, resume=True, attributes=CONFIG)
-    assert dict(group.attrs) == CONFIG
+    target = prepare_group(str(tmp_path / "new.zarr"), overwrite=False, resume=True, attributes=CONFIG)
+    assert dict(target.open().attrs) == {**CONFIG, "infscale_version": __version__}
 
 
 def test_open_results(tmp_path):
