@@ -44,7 +44,7 @@ M, D = "cli_fixture:model", "cli_fixture:data"
         ((), "cli_fixture:wrong_model", D, "returned a model of type int, not a torch.nn.Module"),
         ((), M, "cli_fixture:wrong_data", "expected a torch.utils.data.Dataset"),
         ((), M, "cli_fixture:broken", "cli_fixture:broken() raised RuntimeError: the factory"),
-        ((), M, "cli_fixture:mismatched_data", "training inputs have shape (3,) but test inputs (2,)"),
+        ((), M, "cli_fixture:mismatched_data", "inputs are of shape (3,) but test inputs of shape (2,)"),
         (("--param", "hessian_regularization=0"), "cli_fixture:concave_model", D, "is not positive definite"),
         (("--param", "rank"), M, D, "--param: expected key=value"),
         (("--param", "rnak=3"), M, D, "DirectInfluence has no parameter 'rnak'"),

@@ -110,9 +110,47 @@ def load_model(spec: str):
     return model, loss
 
 
+def _item_layout(spec: str, name: str, ds) -> str:
+    """What item 0 of a dataset holds, as compared between the two datasets: a tensor's shape, or a
+    mapping's keys (the HuggingFace way: a dict of tensors with the targets under ``"labels"``).
+
+    Raises:
+        UsageError: item 0 cannot be read, or is neither ``(x, y)`` nor a mapping with "labels".
+    """
+    from collections.abc import Mapping
+
+    try:
+        item = ds[0]
+    except Exception as error:
+        raise UsageError(f"--data: {name}[0] raised {type(error).__name__}: {error}") from error
+    if isinstance(item, Mapping):
+        if "labels" not in item:
+            raise UsageError(
+                f"--data: the items of {name} are mappings without 'labels' (keys {sorted(item)}); "
+                "put the targets under 'labels' (the HuggingFace convention) or yield (x, y) pairs."
+            )
+        return f"mappings with keys {sorted(k for k in item if k != 'labels')}"
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        raise UsageError(
+            f"--data: the items of {name} must be (x, y) pairs or mappings with 'labels'; item 0 is "
+            f"{_describe(item)}."
+        )
+    x = item[0]
+    if isinstance(x, Mapping):
+        return f"mappings with keys {sorted(x)}"
+    if not hasattr(x, "shape"):
+        raise UsageError(
+            f"--data: the x of {name}[0] is a {type(x).__name__}; expected a tensor or a mapping."
+        )
+    return f"of shape {tuple(x.shape)}"
+
+
 def load_data(spec: str):
     """Call the ``--data`` factory: it must return ``(train_dataset, test_dataset)``, non-empty
-    torch ``Dataset``s with a length whose items are ``(x, y)`` with inputs of one shape.
+    torch ``Dataset``s with a length whose items are ``(x, y)`` pairs (x a tensor, or a mapping of
+    tensors passed to the model as keyword arguments) or mappings holding the targets under
+    ``"labels"`` (HuggingFace samples), alike in both datasets. Samples are batched with torch's
+    default collation, so token sequences must be padded to one length.
 
     Raises:
         UsageError: see ``load_factory``; the factory raised; anything else returned.
@@ -132,19 +170,9 @@ def load_data(spec: str):
             )
         if len(ds) == 0:
             raise UsageError(f"--data: {spec}() returned an empty {name}.")
-    shapes = []
-    for name, ds in zip(("train_dataset", "test_dataset"), result):
-        try:
-            item = ds[0]
-        except Exception as error:
-            raise UsageError(f"--data: {name}[0] raised {type(error).__name__}: {error}") from error
-        if not isinstance(item, (tuple, list)) or len(item) < 2 or not hasattr(item[0], "shape"):
-            raise UsageError(
-                f"--data: the items of {name} must be (x, y) pairs of tensors; item 0 is {_describe(item)}."
-            )
-        shapes.append(tuple(item[0].shape))
-    if shapes[0] != shapes[1]:
+    layouts = [_item_layout(spec, name, ds) for name, ds in zip(("train_dataset", "test_dataset"), result)]
+    if layouts[0] != layouts[1]:
         raise UsageError(
-            f"--data: training inputs have shape {shapes[0]} but test inputs {shapes[1]}; they must match."
+            f"--data: training inputs are {layouts[0]} but test inputs {layouts[1]}; they must match."
         )
     return result

@@ -102,7 +102,7 @@ def test_load_model_and_data_accept_what_they_should(user_module):
         (load_data, "three", "must return a tuple (train_dataset, test_dataset); got a tuple of 3"),
         (load_data, "model", "returned a train_dataset of type Linear; expected a torch.utils.data.Dataset"),
         (load_data, "empty", "returned an empty train_dataset"),
-        (load_data, "bare", "the items of train_dataset must be (x, y) pairs of tensors; item 0 is a Tensor"),
+        (load_data, "bare", "items of train_dataset must be (x, y) pairs or mappings with 'labels'; item 0"),
     ],
 )
 def test_load_model_and_data_errors(user_module, loader, name, message):
