@@ -252,6 +252,10 @@ def run_pipeline(config: RunConfig, log: Callable[[str], None] = print) -> None:
         "mode": mode, "batch_size": config.batch_size, "n_train": len(train_ds), "n_test": len(test_ds),
         "scheduler": config.scheduler, "device": str(device), "top_k": config.top_k,
         "self_influences": config.self_influences, "infscale_version": infscale.__version__,
+        # what the numbers depend on besides the settings: a resume with other data is refused
+        # (the model's own fingerprint is recorded with each array)
+        "train_data_digest": data_digest(train_ds, config.batch_size),
+        "test_data_digest": data_digest(test_ds, config.batch_size),
     }  # fmt: skip
     settings = ComputeSettings(
         mode=mode, batch_size=config.batch_size, device=str(device), resume=config.resume,
@@ -271,6 +275,22 @@ def run_pipeline(config: RunConfig, log: Callable[[str], None] = print) -> None:
         fit(infl_model, train_ds, config.batch_size)
         compute_into_group(infl_model, train_ds, test_ds, target, settings, client=client, log=log)
     log(f"done: {config.out} (infscale info {config.out}; infscale top {config.out} --test 0)")
+
+
+def data_digest(dataset: Any, batch_size: int) -> str:
+    """A hash of a dataset's samples, read once in this process batch by batch (the running hashes
+    of ``infscale.store.input_digest``): recorded with the results so that ``--resume`` refuses
+    data that changed since the run started, whichever scheduler computes the blocks."""
+    import hashlib
+
+    from torch.utils.data import DataLoader
+
+    from ..store import input_digest
+
+    total = hashlib.blake2b(digest_size=16)
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        total.update(input_digest(batch).encode())
+    return total.hexdigest()
 
 
 def _device(text: str):
