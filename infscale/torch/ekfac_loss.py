@@ -245,6 +245,18 @@ class LossSpec:
         return len(elements), exact_mse()
 
 
+class OnLogits:
+    """A built-in torch loss applied to the logits read from the model's output (a tensor as it is,
+    a HuggingFace ``ModelOutput``'s ``.logits``, a tuple's first entry, or ``output_logits``), so
+    that ``loss="cross_entropy"`` works for models that return output objects."""
+
+    def __init__(self, fn: Callable[[Tensor, Tensor], Tensor], spec: LossSpec):
+        self.fn, self.spec = fn, spec
+
+    def __call__(self, outputs: Any, y: Tensor) -> Tensor:
+        return self.fn(self.spec.logits_of(outputs), y)
+
+
 def parse_loss(loss: Any, loss_family: Any, output_logits: Any, fisher: FisherType) -> LossSpec:
     """The ``LossSpec`` of EkfacInfluence's ``loss``, ``loss_family`` and ``output_logits``.
 
@@ -264,6 +276,7 @@ def parse_loss(loss: Any, loss_family: Any, output_logits: Any, fisher: FisherTy
             )
         fn = F.cross_entropy if known is EkfacLoss.CROSS_ENTROPY else F.mse_loss
         spec = LossSpec(fn, known, True, default_logits)
+        spec.loss = OnLogits(fn, spec)
     elif callable(loss):
         spec = LossSpec(loss, family, False, default_logits)
     else:

@@ -96,3 +96,18 @@ def test_every_method_fits_on_a_dataloader_of_dict_batches(bert, name):
         assert error < tolerance, error
     else:  # approximations of the curvature (IHM, EK-FAC): the ranking agrees
         assert _pearson(got, expected) >= 0.9
+
+
+def test_ekfac_builtin_loss_reads_the_logits_of_an_output_object(bert):
+    """``loss="cross_entropy"`` (EK-FAC's default) on a model returning a SequenceClassifierOutput:
+    the built-in loss is applied to ``.logits``, the same numbers as the explicit callable."""
+    w, loader, batches, _ = bert
+    by_name = EkfacInfluence(w.model, hessian_regularization=LAM, fisher="exact").fit(loader)
+    by_callable = EkfacInfluence(
+        w.model, loss=w.loss_fn, loss_family="cross_entropy", hessian_regularization=LAM, fisher="exact"
+    ).fit(loader)
+    test = w.test[0]
+    x_test = {k: v for k, v in test.items() if k != "labels"}
+    assert torch.allclose(
+        by_name.influences(x_test, test["labels"]), by_callable.influences(x_test, test["labels"]), rtol=1e-10
+    )
