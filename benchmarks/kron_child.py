@@ -220,6 +220,8 @@ def run(job: dict) -> dict:
     if job.get("float64"):
         wl = in_float64(wl)
     if job["lib"] == "infscale":
+        # the infscale of this checkout (as run_all.py imports), not whichever one the venv installed
+        sys.path.insert(1, str(HERE.parent))
         import infscale.torch  # noqa: F401  (imported before any timing, as kronfluence below)
 
         prepare, fit, query = infscale_run(job, wl)

@@ -93,7 +93,10 @@ def build(kind: str, small: bool, workdir: Path) -> dict:
             from sections.cnn import cnn_workload
 
             model, (x_tr, y_tr, x_te, y_te) = cnn_workload(quick=small)
-            training = "sections/cnn.py cnn_workload(): Adam lr 0.01, full-batch epochs, weight decay 1e-3"
+            epochs = 40 if small else 150  # cnn_workload's quick / full training
+            training = (
+                f"sections/cnn.py cnn_workload(): Adam lr 0.01, {epochs} full-batch epochs, weight decay 1e-3"
+            )
         if small:
             x_tr, y_tr, x_te, y_te = x_tr[:200], y_tr[:200], x_te[:20], y_te[:20]
         saved = {"model": model}
