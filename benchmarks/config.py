@@ -8,17 +8,31 @@ The method names are infscale's (``infscale.app.registry.METHODS``): the same sh
 from __future__ import annotations
 
 #: The sections, in the order they run and appear on the page.
-SECTIONS = ["digits", "loo", "lds", "mislabel", "seed_example", "wide", "calculators", "out_of_core", "cnn"]
+SECTIONS = [
+    "digits",
+    "loo",
+    "lds",
+    "mislabel",
+    "seed_example",
+    "wide",
+    "calculators",
+    "out_of_core",
+    "cnn",
+    "kronfluence",
+    "lds_bert",
+]
 
 #: Sections that use what another section measured in the same run (its influence matrices, which
 #: are too large to save): ``--only lds`` runs digits first.
-REQUIRES = {"lds": ("digits",), "mislabel": ("digits",)}
+REQUIRES = {"lds": ("digits",), "mislabel": ("digits",), "lds_bert": ("kronfluence",)}
 
 # Seconds per section (full mode), from the timings of the 20-minute run of 2026-11-28 (docs/benchmarks.md
 # and its earlier runs) plus margin; --budget scales them all proportionally.
 SECTION_BUDGETS = {
     # expected on an idle 2-core machine (s): digits ~400, loo ~30, lds ~60, seed ~60, wide ~640,
-    # calculators ~560, out_of_core ~240, cnn ~110: about 35 min of the 42 budgeted
+    # calculators ~560, out_of_core ~240, cnn ~110: about 35 min of the 42 budgeted. kronfluence ~600
+    # (its CG reference on the CNN alone ~150), lds_bert ~60 with the cached ground truth (benchmarks/
+    # results-kronfluence/lds_bert.npz), ~400 when it retrains the 150 BERTs
     "full": {
         "digits": 450,
         "loo": 60,
@@ -29,6 +43,8 @@ SECTION_BUDGETS = {
         "calculators": 660,
         "out_of_core": 280,
         "cnn": 180,
+        "kronfluence": 900,
+        "lds_bert": 600,
     },
     "quick": {
         "digits": 240,
@@ -40,6 +56,8 @@ SECTION_BUDGETS = {
         "calculators": 180,
         "out_of_core": 60,
         "cnn": 100,
+        "kronfluence": 600,
+        "lds_bert": 300,
     },
     "smoke": {s: 240 for s in SECTIONS},
 }
@@ -64,6 +82,8 @@ SIZES = {
         ooc_batch=2_500,
         ooc_test_batch=500,
         lds_models=50,
+        lds_bert_models=50,
+        lds_bert_seeds=3,
         loo_removed=300,
         run_timeout_s=240,
         slow_run_s=150,
@@ -87,6 +107,8 @@ SIZES = {
         ooc_batch=100,
         ooc_test_batch=20,
         lds_models=4,
+        lds_bert_models=4,
+        lds_bert_seeds=2,
         loo_removed=5,
         run_timeout_s=120,
         slow_run_s=60,
@@ -110,6 +132,8 @@ SIZES = {
         ooc_batch=500,
         ooc_test_batch=100,
         lds_models=20,
+        lds_bert_models=50,
+        lds_bert_seeds=3,
         loo_removed=60,
         run_timeout_s=90,
         slow_run_s=40,
@@ -121,6 +145,17 @@ DIGITS_REG = 0.01  # H + 0.01 I is positive definite for the digits MLP (λ_min(
 WIDE_REG = 0.1  # wide MLP (empirical Fisher: the matrix both libraries compute; see page/texts.py)
 LOO_REG = 0.1
 IHM = "inverse-harmonic-mean"  # the registry's name of the inverse harmonic mean (DataInf)
+# The kronfluence section's λ per workload (benchmarks/results-kronfluence/*.json "dampings"): 3% of the
+# largest eigenvalue of the Gauss-Newton matrix of the mean training loss in the Linear / Conv2d
+# parameters (BERT 5.58 → 0.17, CNN 0.26 → 0.0078), and DIGITS_REG for the MLP.
+KRONFLUENCE_DAMPING = {"bert": 0.17, "cnn": 0.0078, "mlp": DIGITS_REG}
+# Its reference: CG with the Gauss-Newton matrix, in float64, at a tight tolerance.
+KRONFLUENCE_REFERENCE = {"second_order_mode": "gauss_newton", "rtol": 1e-10, "atol": 0.0, "maxiter": 2000}
+# lds_bert's low-rank methods (Gauss-Newton, as the reference)
+LDS_BERT_SETTINGS = {
+    "arnoldi": {"rank": 64, "second_order_mode": "gauss_newton"},
+    "nystroem": {"rank": 64, "second_order_mode": "gauss_newton"},
+}
 
 
 def bench_methods() -> list[str]:

@@ -41,9 +41,11 @@ Conventions (read from kronfluence 1.0.1's source, ``kronfluence/factor/config.p
 - K-FAC: kronfluence divides both Kronecker factors A = Σ a aᵀ and S = Σ g gᵀ by the number of
   positions (examples × spatial locations for Conv2d, unmasked tokens for sequences); infscale's K-FAC
   sums A over positions per example and averages G over positions. For a layer that sees T positions
-  per example, kronfluence's K-FAC eigenvalues are 1/T of infscale's, so kronfluence K-FAC at
-  ``damping_factor = λ`` equals infscale K-FAC at ``hessian_regularization = T·λ`` for that layer
-  (identical for Linear layers on (b, d) inputs, T = 1). T per module is recorded in the JSON.
+  per example, kronfluence's K-FAC eigenvalues are 1/T of infscale's: its block is F/T, and
+  (F/T + λ)⁻¹ = T (F + T·λ)⁻¹, so that layer's kronfluence K-FAC scores at ``damping_factor = λ`` equal
+  T times infscale's K-FAC at ``hessian_regularization = T·λ`` (the factor T was missing here at first;
+  checked by the kronfluence benchmark section, Pearson r 1.0 on the digits CNN with the empirical
+  Fisher). Identical for Linear layers on (b, d) inputs, T = 1. T per module is recorded in the JSON.
 - Blocks: only nn.Linear and nn.Conv2d modules are tracked (their weights and biases); everything
   else (BERT's embeddings and LayerNorms) is held fixed and left out of the scores.
 """
@@ -427,10 +429,11 @@ CONVENTIONS = {
     "ekfac_conversion": "kronfluence EK-FAC damping_factor = λ  ⇔  infscale EkfacInfluence("
     "update_diagonal=True, hessian_regularization=λ): both regularize the Fisher of the MEAN training loss.",
     "kfac_conversion": "kronfluence K-FAC damping_factor = λ  ⇔  infscale EkfacInfluence("
-    "update_diagonal=False) with hessian_regularization = {module: T_module · λ}, T_module = "
-    "positions_per_example in tracked_modules (kronfluence averages both Kronecker factors over "
-    "positions; infscale sums A over an example's positions). T = 1 for Linear layers on (batch, "
-    "features) inputs: then equal λ.",
+    "update_diagonal=False) with hessian_regularization = {module: T_module · λ} and each module's "
+    "influences (influences_by_layer) multiplied by T_module, T_module = positions_per_example in "
+    "tracked_modules (kronfluence averages both Kronecker factors over positions, so its block is F/T; "
+    "infscale sums A over an example's positions). T = 1 for Linear layers on (batch, features) inputs: "
+    "then equal λ and equal scores.",
     "fisher": "'true' = kronfluence's default (one label per example sampled from the model, "
     "torch.manual_seed(0) before each fit) ⇔ infscale fisher='true' up to the random draws; 'empirical' = "
     "the given labels ⇔ infscale fisher='empirical' (deterministic: comparable exactly, up to "

@@ -70,7 +70,7 @@ def retrain_losses(
     the seconds per model. Every model starts from the same initialization (``init_seed``, the analysed
     model's); run k on subset m shuffles its minibatches with ``shuffle_seed(m, k)``; epochs, lr and
     batch size are ``bert_task.TRAINING``'s."""
-    losses, seconds = np.zeros((len(subsets), seeds, B.N_TEST)), []
+    losses, seconds = np.zeros((len(subsets), seeds, len(data["test"]["labels"]))), []
     for k in range(seeds):
         for m, mask in enumerate(subsets):
             t0 = time.perf_counter()

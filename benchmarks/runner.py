@@ -28,6 +28,16 @@ PYDVL_REQUIREMENTS = [
     "distributed",
     "scikit-learn",
 ]
+#: The kronfluence yardstick venv (benchmarks/kron_child.py's "kronfluence" side): its own, since
+#: kronfluence must not see infscale. INFSCALE_KRONFLUENCE_VENV points at another (an existing one).
+KRONFLUENCE_VENV = Path(os.environ.get("INFSCALE_KRONFLUENCE_VENV", ROOT / ".bench-venv-kronfluence"))
+#: Installed in this order; then torchvision (pulled in by kronfluence, never imported by it) is
+#: uninstalled: PyPI's build does not load against the CPU torch ("operator torchvision::nms does not
+#: exist") and then breaks transformers' model imports (benchmarks/kronfluence_yardstick.py).
+KRONFLUENCE_REQUIREMENTS = [
+    ["torch==2.13.0"],
+    ["torch==2.13.0", "kronfluence==1.0.1", "transformers", "scikit-learn"],
+]
 
 
 def log(*args):
@@ -58,6 +68,33 @@ def ensure_bench_venv(enabled: bool) -> tuple[str | None, str]:
         ).stdout.strip()
     except subprocess.CalledProcessError as error:
         return None, f"pyDVL does not import: {error.stderr[-300:]}"
+    return str(python), version
+
+
+def ensure_kronfluence_venv() -> tuple[str | None, str]:
+    """Python of the kronfluence yardstick venv (created and cached on first use), or None and why
+    not; the second item is kronfluence's version when it imports."""
+    python = KRONFLUENCE_VENV / "bin" / "python"
+    stamp = KRONFLUENCE_VENV / ".installed"
+    if not stamp.exists() and not python.exists():
+        log("creating the kronfluence benchmark venv", KRONFLUENCE_VENV)
+        try:
+            subprocess.run([sys.executable, "-m", "venv", str(KRONFLUENCE_VENV)], check=True)
+            for packages in KRONFLUENCE_REQUIREMENTS:
+                subprocess.run([str(python), "-m", "pip", "install", "-q", *packages], check=True)
+            subprocess.run([str(python), "-m", "pip", "uninstall", "-q", "-y", "torchvision"], check=True)
+            stamp.touch()
+        except (subprocess.CalledProcessError, OSError) as error:
+            return None, f"could not create {KRONFLUENCE_VENV}: {error}"
+    try:
+        version = subprocess.run(
+            [str(python), "-c", "import kronfluence, transformers; print(kronfluence.__version__)"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (subprocess.CalledProcessError, OSError) as error:
+        return None, f"kronfluence does not import in {KRONFLUENCE_VENV}: {str(error)[-300:]}"
     return str(python), version
 
 
@@ -93,13 +130,24 @@ class Runner:
         marks a run known to be hopeless (cut at ``slow_run_s`` instead of ``run_timeout_s``)."""
         return self.run_jobs(lib, [(workload, spec)], slow)[0]
 
-    def run_jobs(self, lib: str, jobs: list, slow: bool = False) -> list[dict]:
+    def run_jobs(
+        self,
+        lib: str,
+        jobs: list,
+        slow: bool = False,
+        python: str | None = None,
+        script: str = "child.py",
+        cap_s: float | None = None,
+    ) -> list[dict]:
         """Several measurements in one child process (they share its imports; the peak RSS of all
-        but the first includes the earlier ones'). jobs: [(workload dir, spec)]."""
-        python = sys.executable if lib in ("infscale", "floor") else self.pydvl_python
+        but the first includes the earlier ones'). jobs: [(workload dir, spec)]. ``python`` (default:
+        this one for infscale and the floor, pyDVL's venv for pyDVL) runs ``script`` (in benchmarks/);
+        ``cap_s`` replaces the cap per job (a reference computation known to be long)."""
+        python = python or (sys.executable if lib in ("infscale", "floor") else self.pydvl_python)
         if python is None:
-            return [{"error": "pyDVL not available", "unavailable": True} for _ in jobs]
-        cap = self.slow_s if slow else self.timeout_s
+            name = {"pydvl": "pyDVL"}.get(lib, lib)
+            return [{"error": f"{name} not available", "unavailable": True} for _ in jobs]
+        cap = cap_s or (self.slow_s if slow else self.timeout_s)
         limit = min(cap * len(jobs), self.left)
         if limit < 5:
             return [{"error": "skipped: time budget", "skipped": True} for _ in jobs]
@@ -113,8 +161,9 @@ class Runner:
             if spec.get("task") == "self":
                 spec["repeats"] = 1
             specs.append(
-                {"lib": lib, "workdir": str(workload), "out": str(out), "scratch": str(scratch), "threads": 2}
+                {"threads": 2}
                 | spec
+                | {"lib": lib, "workdir": str(workload), "out": str(out), "scratch": str(scratch)}
             )
         spec_path = Path(specs[0]["out"] + ".spec.json")
         spec_path.write_text(json.dumps({"jobs": specs}))
@@ -123,7 +172,7 @@ class Runner:
         timed_out = False
         # own session: on timeout the whole group goes (Dask worker processes included)
         proc = subprocess.Popen(
-            [python, str(HERE / "child.py"), str(spec_path)],
+            [python, str(HERE / script), str(spec_path)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

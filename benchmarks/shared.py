@@ -24,6 +24,9 @@ TIMING_KEYS = (
     "total_s",
     "fit_s",
     "query_s",
+    "fit_cpu_s",
+    "query_cpu_s",
+    "total_cpu_s",
     "compute_s",
     "peak_rss_mib",
     "base_rss_mib",
@@ -38,6 +41,7 @@ TIMING_KEYS = (
     "rss_cumulative",
     "shape",
     "dropped_settings",
+    "warnings",
 )
 
 #: pyDVL 0.10's influences have infscale's sign (the digits section checks it on Direct every run and

@@ -4,6 +4,7 @@ section (config.SECTIONS), each taking the section's saved "results" and "run" a
 
 from __future__ import annotations
 
+from page.kron import render_kronfluence, render_lds_bert
 from page.small import render_digits, render_lds, render_loo, render_mislabel, render_seed
 from page.wide import render_calculators, render_cnn, render_out_of_core, render_wide
 
@@ -17,6 +18,8 @@ RENDERERS = {
     "calculators": render_calculators,
     "out_of_core": render_out_of_core,
     "cnn": render_cnn,
+    "kronfluence": render_kronfluence,
+    "lds_bert": render_lds_bert,
 }
 
 #: The heading of each section, for a section whose data is missing or whose measuring failed.
@@ -30,4 +33,6 @@ TITLES = {
     "calculators": "Wide MLP: sequential to zarr and on Dask",
     "out_of_core": "Out of core: streamed to zarr",
     "cnn": "Small CNN on 8×8 digits: K-FAC and EK-FAC",
+    "kronfluence": "EK-FAC reference: infscale and kronfluence",
+    "lds_bert": "Linear datamodeling score on the tiny BERT",
 }

@@ -17,6 +17,8 @@ MODULES = {
     "calculators": "calculators",
     "out_of_core": "out_of_core",
     "cnn": "cnn",
+    "kronfluence": "kronfluence",
+    "lds_bert": "lds_bert",
 }
 
 
