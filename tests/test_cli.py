@@ -386,3 +386,14 @@ def test_resume_after_a_kill_while_the_self_influences_were_being_created(fixtur
             (out / "self_influences" / "c").mkdir()
         assert main(_run_args(out, "--self-influences", "--resume")) == 0
         np.testing.assert_array_equal(zarr.open_array(str(out / "self_influences"), mode="r")[:], expected)
+
+
+def test_resume_removes_temporary_files_a_kill_left_in_the_group(fixture_dir, tmp_path):
+    """Killed while zarr rewrote the group's metadata (the top-k phase updates it): a *.partial file
+    is left at the group's root; the resumed store holds exactly what an uninterrupted run's does."""
+    out = tmp_path / "s.zarr"
+    assert main(_run_args(out, "--top-k", "2")) == 0
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    (out / f"zarr.{TEMPORARY}").write_text('{"zarr_fo')
+    assert main(_run_args(out, "--top-k", "2", "--resume")) == 0
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == before

@@ -43,6 +43,7 @@ from ..store import (
     open_node,
     open_zarr_store,
     ownership_problem,
+    remove_temporary_keys,
     store_is_empty,
     write_group_array,
 )
@@ -188,7 +189,9 @@ def prepare_group(url: str, overwrite: bool, resume: bool, attributes: dict[str,
         _check_ownership(store, url)
         if holds_finished_blocks(store, ARRAYS):
             if resume:
-                return PreparedGroup(url, _reopen(store, url, attributes))
+                reopened = _reopen(store, url, attributes)
+                remove_temporary_keys(store)  # a kill mid-write leaves zarr's *.partial files
+                return PreparedGroup(url, reopened)
             if not overwrite:
                 raise StoreExistsError(
                     f"--out: {url!r} already exists; pass --overwrite to replace it or --resume to "

@@ -27,6 +27,7 @@ from .groups import (
     open_group,
     open_node,
     ownership_problem,
+    remove_temporary_keys,
     store_keys,
     verify_group_array,
     write_group_array,
@@ -72,4 +73,5 @@ __all__ = [
     "holds_finished_blocks",
     "is_temporary_key",
     "verify_group_array",
+    "remove_temporary_keys",
 ]

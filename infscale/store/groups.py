@@ -134,6 +134,18 @@ def attribute_differences(stored: dict[str, Any], wanted: dict[str, Any], ignore
     ]
 
 
+def remove_temporary_keys(store) -> int:
+    """Delete the temporary files that writes cut short left in a store infscale owns (zarr's
+    ``*.partial``; never anything else), so that a resumed store holds what an uninterrupted run
+    would. Returns how many were removed."""
+    from .opening import is_temporary_key
+
+    leftovers = [k for k in store_keys(store) if is_temporary_key(k)]
+    for key in leftovers:
+        _sync(store.delete(key))
+    return len(leftovers)
+
+
 def store_keys(store) -> list[str]:
     """Every key in ``store`` (one listing; on object stores, one request per 1000 keys)."""
 
