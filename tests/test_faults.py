@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from helpers import moto_s3
 
 from infscale.cli import main
 
@@ -160,34 +161,18 @@ def cluster(scripts):
 def s3(scripts):
     """A bucket on a local moto server; the children get the options from FSSPEC_S3, this process
     from fsspec's configuration (``infscale run`` takes no storage options)."""
-    pytest.importorskip("s3fs")
-    server_mod = pytest.importorskip("moto.server")
-    import boto3
     import fsspec.config
 
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    options = {
-        "key": "testing",
-        "secret": "testing",
-        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
-    }
-    boto3.client(
-        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    ).create_bucket(Bucket="infscale-faults")  # fmt: skip
-    old = fsspec.config.conf.get("s3")
-    fsspec.config.conf["s3"] = options
-    try:
-        yield options
-    finally:
-        if old is None:
-            fsspec.config.conf.pop("s3", None)
-        else:
-            fsspec.config.conf["s3"] = old
-        server.stop()
+    with moto_s3("infscale-faults") as options:
+        old = fsspec.config.conf.get("s3")
+        fsspec.config.conf["s3"] = options
+        try:
+            yield options
+        finally:
+            if old is None:
+                fsspec.config.conf.pop("s3", None)
+            else:
+                fsspec.config.conf["s3"] = old
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import pytest
 import test_sequential
 import torch
 import zarr
+from helpers import moto_s3
 from test_sequential import LAM, CountingModel, counting_problem
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -258,28 +259,8 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
 # ---------------------------------------------------------------------------- S3 (moto)
 @pytest.fixture(scope="module")
 def s3_server():
-    pytest.importorskip("s3fs")
-    server_mod = pytest.importorskip("moto.server")
-    pytest.importorskip("flask")
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    options = {
-        "key": "testing",
-        "secret": "testing",
-        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
-    }
-    import boto3
-
-    boto3.client(
-        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    ).create_bucket(Bucket="infscale-test")  # fmt: skip
-    try:
+    with moto_s3("infscale-test") as options:
         yield options
-    finally:
-        server.stop()
 
 
 def test_s3_store_on_local_moto_server(s3_server):
