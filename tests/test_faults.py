@@ -34,6 +34,7 @@ import numpy as np
 import pytest
 import zarr
 from helpers import moto_s3
+from test_cli import FIXTURE
 
 from infscale.cli import main
 
@@ -41,37 +42,7 @@ N_TRAIN, N_TEST, BATCH, K = 40, 20, 8, 3  # 3 × 5 influence blocks, 5 self-infl
 N_BLOCKS = 15
 TOP_ARRAYS = ("top_helpful_indices", "top_helpful_values", "top_harmful_indices", "top_harmful_values")
 
-FACTORIES = textwrap.dedent(
-    """
-    import torch
-    from torch import nn
-    from torch.utils.data import TensorDataset
-
-
-    def _tensors():
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(60, 3, generator=g, dtype=torch.float64)
-        y = (x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)).unsqueeze(1)
-        return x, y + 0.3 * torch.randn(60, 1, generator=g, dtype=torch.float64)
-
-
-    def mse(outputs, targets):
-        return ((outputs - targets) ** 2).mean()
-
-
-    def model():
-        m = nn.Linear(3, 1).double()
-        with torch.no_grad():
-            m.weight.copy_(torch.tensor([[0.8, -1.5, 0.2]], dtype=torch.float64))
-            m.bias.fill_(0.1)
-        return m, mse
-
-
-    def data():
-        x, y = _tensors()
-        return TensorDataset(x[:40], y[:40]), TensorDataset(x[40:], y[40:])
-    """
-)
+FACTORIES = FIXTURE  # test_cli's factories: a linear regression with a closed form
 
 # The test-only wrapper: `python fault_child.py ARGS...` is `infscale ARGS...`, killed by the
 # signal INFSCALE_FAULT names right after its event ("fit", "influences", "self_influences",
